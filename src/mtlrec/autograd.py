@@ -1,0 +1,105 @@
+"""The one place that calls backward.
+
+:func:`multitask_backward` turns per-task losses into gradients with a balancing strategy:
+
+* loss-based strategies (``needs_grads = False``): one backward of
+  ``sum_t w_t L_t + regulariser + auxiliary losses``;
+* gradient-based strategies: the per-task gradients of the shared parameters, ``J [T, P]``,
+  come from ONE batched vector-Jacobian product (``is_grads_batched``: the T one-hot cotangents
+  run through the graph together, no repeated ``retain_graph`` passes), the strategy maps them to
+  weights or to a combined gradient ``g [P]``, and one backward of the weighted objective fills
+  the task-specific parameters; the shared parameters' task part ``w @ J`` is then replaced by
+  ``g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mtlrec.weighting.base import Weighting
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What one backward did (detached)."""
+
+    objective: Tensor
+    losses: Tensor
+    weights: Tensor
+
+
+def task_jacobian(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Per-task gradients of ``losses [T]`` w.r.t. ``params``, flattened: ``[T, P]``.
+
+    One batched backward; the graph is kept for the objective's backward.
+    """
+    t = losses.shape[0]
+    eye = torch.eye(t, dtype=losses.dtype, device=losses.device)  # [T, T] one-hot cotangents
+    grads = torch.autograd.grad(
+        losses,
+        list(params),
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+        materialize_grads=True,
+    )  # each [T, *p.shape]
+    return torch.cat([g.reshape(t, -1) for g in grads], dim=1)  # [T, P]
+
+
+def _add_flat_grad(params: Sequence[nn.Parameter], flat: Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        piece = flat[offset : offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = piece.clone()
+        else:
+            p.grad.add_(piece)
+        offset += n
+
+
+def multitask_backward(
+    losses: dict[str, Tensor],
+    strategy: Weighting,
+    *,
+    shared_parameters: Sequence[nn.Parameter] = (),
+    aux_loss: Tensor | None = None,
+) -> BackwardResult:
+    """Backpropagate per-task losses through a balancing strategy.
+
+    Args:
+        losses: task -> scalar loss (every task of the strategy).
+        strategy: the balancing strategy.
+        shared_parameters: parameters used by several tasks (needed by gradient-based
+            strategies only).
+        aux_loss: scalar added to the objective as is (model regularisers).
+
+    Returns:
+        The objective, the loss vector and the weights used (all detached).
+    """
+    vec = torch.stack([losses[t] for t in strategy.task_names])  # [T]
+    if not strategy.needs_grads:
+        w = strategy.weights(vec.detach())
+        obj = strategy.objective(vec, w)
+        if aux_loss is not None:
+            obj = obj + aux_loss
+        obj.backward()
+        return BackwardResult(obj.detach(), vec.detach(), w.detach())
+
+    shared = [p for p in shared_parameters if p.requires_grad]
+    if not shared:
+        raise ValueError(f"strategy {type(strategy).__name__} needs the shared parameters")
+    jac = task_jacobian(vec, shared)  # [T, P]
+    w = strategy.weights(vec.detach(), jac)
+    g = strategy.aggregate(jac, w)  # [P]
+    obj = strategy.objective(vec, w)
+    if aux_loss is not None:
+        obj = obj + aux_loss
+    obj.backward()  # task-specific parameters, plus w @ J (+ aux) on the shared ones
+    _add_flat_grad(shared, g - w.detach() @ jac)  # shared: replace w @ J by g
+    return BackwardResult(obj.detach(), vec.detach(), w.detach())

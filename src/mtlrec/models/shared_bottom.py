@@ -1,0 +1,56 @@
+"""Shared-Bottom: one bottom network shared by all tasks, one tower per task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+from torch import nn
+
+from mtlrec.batch import Features
+from mtlrec.models.base import ModelOutput, ModelParams, MultiTaskModel, params_of
+from mtlrec.nn.embedding import FeatureLayout
+from mtlrec.nn.heads import TaskHeads
+from mtlrec.nn.mlp import MLP
+from mtlrec.registry import MODELS
+from mtlrec.schema import TaskSpec
+
+
+class SharedBottomParams(ModelParams):
+    bottom_hidden: tuple[int, ...] = Field(default=(256, 128), min_length=1)
+
+
+@MODELS.register("shared_bottom", params=SharedBottomParams)
+class SharedBottom(MultiTaskModel):
+    """Hard parameter sharing: a shared bottom MLP feeding per-task towers.
+
+    Paper: R. Caruana, "Multitask Learning", Machine Learning 28 (1997); the "Shared-Bottom"
+    baseline of Ma et al., KDD 2018 (MMoE), Fig. 1(a).
+    """
+
+    Params = SharedBottomParams
+    paper = "Caruana 1997; Ma et al. KDD 2018 (baseline)"
+
+    def __init__(
+        self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: SharedBottomParams
+    ) -> None:
+        super().__init__(layout, tasks, params)
+        p = params
+        self.embedding = self.make_embedding()
+        self.bottom = MLP(
+            layout.flat_dim, p.bottom_hidden, activation=p.activation, dropout=p.dropout
+        )
+        self.heads = TaskHeads(
+            self.tasks,
+            p.bottom_hidden[-1],
+            p.tower_hidden,
+            activation=p.activation,
+            dropout=p.dropout,
+        )
+
+    def forward(self, features: Features) -> ModelOutput:
+        h = self.bottom(self.embedding(features).flat)  # [B, H]
+        return ModelOutput(self.heads(h), tower_inputs={t: h for t in self.task_names})
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return params_of(self.heads.towers[task])

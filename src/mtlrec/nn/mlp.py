@@ -1,0 +1,184 @@
+"""Multi-layer perceptrons: one network (:class:`MLP`) and n independent ones run as one
+(:class:`ParallelMLP`).
+
+``ParallelMLP`` is the building block of expert banks, gates and sequence-free towers: the weights
+of its n members are stacked, so a layer of all members is one matrix product. When the members
+share their input (experts of one MMoE layer all read the same embedding), the first layer of all
+members is a single GEMM ``[B, in] @ [in, n * h1]``; deeper layers (and members with their own
+inputs) are one batched matmul ``[n, B, h] @ [n, h, h']``. Every member is initialised
+independently, with the scheme of ``nn.Linear`` (uniform in ±1/sqrt(fan_in)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "leaky_relu": F.leaky_relu,
+}
+_INPLACE = {"relu": torch.relu_}
+
+
+def activation_fn(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+class MLP(nn.Module):
+    """Linear layers with an activation (and optional dropout / layer norm) between them.
+
+    Args:
+        in_dim: input width.
+        dims: widths of the layers, in order.
+        activation: name of the activation.
+        dropout: dropout after each activated layer.
+        layer_norm: layer norm before each activation.
+        last_activation: activate the last layer too (False for a layer producing logits).
+
+    Shapes:
+        ``[..., in_dim] -> [..., dims[-1]]``; the identity when ``dims`` is empty.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dims: Sequence[int],
+        *,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        layer_norm: bool = False,
+        last_activation: bool = True,
+    ) -> None:
+        super().__init__()
+        self.act = activation_fn(activation)
+        self.layers = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        prev = in_dim
+        for d in dims:
+            self.layers.append(nn.Linear(prev, d))
+            self.norms.append(nn.LayerNorm(d) if layer_norm else nn.Identity())
+            prev = d
+        self.dropout = dropout
+        self.last_activation = last_activation
+        self.out_dim = prev
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = len(self.layers)
+        for i, (lin, norm) in enumerate(zip(self.layers, self.norms, strict=True)):
+            x = lin(x)
+            if i < n - 1 or self.last_activation:
+                x = self.act(norm(x))
+                if self.dropout > 0:
+                    x = F.dropout(x, self.dropout, self.training)
+        return x
+
+
+class ParallelMLP(nn.Module):
+    """n independent MLPs of the same shape, computed together.
+
+    Args:
+        num: number of members (experts, gates, towers).
+        in_dim: input width of every member.
+        dims: layer widths of every member.
+        shared_input: all members read one ``[B, in_dim]`` input (fused first layer);
+            otherwise each reads its own slice of ``[num, B, in_dim]``.
+        activation, dropout, layer_norm, last_activation: as in :class:`MLP`.
+
+    Shapes:
+        ``[B, in_dim]`` (shared) or ``[num, B, in_dim]`` -> ``[num, B, dims[-1]]``.
+
+    Example:
+        >>> import torch
+        >>> bank = ParallelMLP(8, 32, [64, 16])
+        >>> bank(torch.randn(5, 32)).shape
+        torch.Size([8, 5, 16])
+    """
+
+    def __init__(
+        self,
+        num: int,
+        in_dim: int,
+        dims: Sequence[int],
+        *,
+        shared_input: bool = True,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        layer_norm: bool = False,
+        last_activation: bool = True,
+    ) -> None:
+        super().__init__()
+        if not dims:
+            raise ValueError("ParallelMLP needs at least one layer")
+        self.num = num
+        self.in_dim = in_dim
+        self.dims = tuple(dims)
+        self.shared_input = shared_input
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.dropout = dropout
+        self.layer_norm = layer_norm
+        self.last_activation = last_activation
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        prev = in_dim
+        for i, d in enumerate(dims):
+            if i == 0 and shared_input:
+                # columns [k*d:(k+1)*d] belong to member k
+                w = nn.Parameter(torch.empty(in_dim, num * d))
+                b = nn.Parameter(torch.empty(num * d))
+            else:
+                w = nn.Parameter(torch.empty(num, prev, d))
+                b = nn.Parameter(torch.empty(num, 1, d))
+            bound = 1.0 / math.sqrt(prev)
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+            self.weights.append(w)
+            self.biases.append(b)
+            prev = d
+        self.out_dim = prev
+
+    def member_weight(self, layer: int, member: int) -> Tensor:
+        """The ``[in, out]`` weight of one member in one layer (a view)."""
+        w = self.weights[layer]
+        if layer == 0 and self.shared_input:
+            d = self.dims[0]
+            return w[:, member * d : (member + 1) * d]
+        return w[member]
+
+    def _activate(self, x: Tensor, last: bool) -> Tensor:
+        if last and not self.last_activation:
+            return x
+        if self.layer_norm:
+            x = F.layer_norm(x, x.shape[-1:])
+        inplace = _INPLACE.get(self.activation)
+        x = inplace(x) if inplace is not None else self.act(x)
+        if self.dropout > 0:
+            x = F.dropout(x, self.dropout, self.training)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        n_layers = len(self.weights)
+        for i in range(n_layers):
+            w, b = self.weights[i], self.biases[i]
+            if i == 0 and self.shared_input:
+                bsz = x.shape[0]
+                h = torch.addmm(b, x, w)  # [B, num * d]
+                x = h.view(bsz, self.num, self.dims[0]).transpose(0, 1)  # [num, B, d]
+            else:
+                x = torch.baddbmm(b, x, w)  # [num, B, d]
+            x = self._activate(x, last=i == n_layers - 1)
+        return x

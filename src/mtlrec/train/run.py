@@ -1,0 +1,237 @@
+"""A run: from a config to a folder holding everything needed to score again.
+
+Folder layout (every file written atomically)::
+
+    RUN/config.yaml                 the resolved config
+    RUN/schema.json                 features and tasks
+    RUN/encoders.json               fitted vocabularies and dense statistics
+    RUN/model.json                  model name, its resolved parameters, table sizes
+    RUN/checkpoints/last.safetensors, best.safetensors
+    RUN/metrics.jsonl               one line per epoch (train losses, validation metrics)
+    RUN/summary.json                best epoch, validation and test metrics
+
+Running the same command again resumes from ``last.safetensors`` (the data order, RNG and
+optimiser state are restored, so the result equals an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtlrec.config import ExperimentConfig
+from mtlrec.data.dataset import ColumnarDataset
+from mtlrec.data.preprocess import Preprocessor
+from mtlrec.data.sources import load_splits
+from mtlrec.errors import CheckpointError, ConfigError
+from mtlrec.models.base import MultiTaskModel
+from mtlrec.models.build import build_model
+from mtlrec.registry import MODELS
+from mtlrec.schema import Schema
+from mtlrec.train.callbacks import Callback, JsonlLogger
+from mtlrec.train.checkpoint import load_checkpoint, restore_model
+from mtlrec.train.trainer import FitResult, Trainer
+from mtlrec.utils.atomic import write_text
+from mtlrec.weighting.build import build_weighting
+
+RUN_FORMAT = 1
+# config keys that may change between a run and its resumption
+_RESUMABLE_CHANGES = {
+    ("training", "epochs"),
+    ("training", "progress"),
+    ("training", "num_threads"),
+    ("training", "checkpoint_every_steps"),
+}
+
+
+@dataclass
+class RunResult:
+    path: Path
+    fit: FitResult
+    valid_metrics: dict[str, dict[str, float]] | None
+    test_metrics: dict[str, dict[str, float]] | None
+    unknown_counts: dict[str, dict[str, int]]
+    seconds: float
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, ready to score raw tables."""
+
+    path: Path
+    config: ExperimentConfig
+    schema: Schema
+    preprocessor: Preprocessor
+    model: MultiTaskModel
+    model_name: str
+
+    def trainer(self, progress: bool = False) -> Trainer:
+        tcfg = self.config.training.model_copy(update={"progress": progress})
+        return Trainer(self.model, self.schema, config=tcfg)
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(cfg_dict))
+    for sec, key in _RESUMABLE_CHANGES:
+        out.get(sec, {}).pop(key, None)
+    return out
+
+
+def _check_same_run(out: Path, cfg: ExperimentConfig) -> None:
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    now = yaml.safe_load(cfg.to_yaml())
+    if _comparable(saved) != _comparable(now):
+        raise ConfigError(
+            f"{out} holds a run of another config; pass --overwrite to start over there, or "
+            "choose another output_dir"
+        )
+
+
+def prepare_data(
+    cfg: ExperimentConfig, pre: Preprocessor | None = None
+) -> tuple[Preprocessor, dict[str, ColumnarDataset | None], dict[str, str]]:
+    """Read, split, fit encoders on the training split (unless given), encode every split."""
+    splits, schema = load_splits(cfg)
+    if pre is None:
+        pre = Preprocessor.fit(schema, splits.train, file=splits.names["train"])
+    data: dict[str, ColumnarDataset | None] = {
+        "train": pre.encode(splits.train, file=splits.names["train"], targets=True),
+        "valid": None
+        if splits.valid is None
+        else pre.encode(splits.valid, file=splits.names["valid"], targets=True),
+        "test": None
+        if splits.test is None
+        else pre.encode(splits.test, file=splits.names.get("test", "test"), targets=True),
+    }
+    return pre, data, splits.names
+
+
+def train_run(
+    cfg: ExperimentConfig,
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    callbacks: list[Callback] | None = None,
+    progress_label: str = "train",
+) -> RunResult:
+    """Train the configured model, select its epoch on validation, score the test split."""
+    t0 = time.perf_counter()
+    out = Path(output_dir or cfg.output_dir)
+    existing = (out / "config.yaml").is_file()
+    if existing and overwrite:
+        for f in (
+            "checkpoints/last.safetensors",
+            "checkpoints/best.safetensors",
+            "metrics.jsonl",
+            "summary.json",
+            "encoders.json",
+        ):
+            (out / f).unlink(missing_ok=True)
+        existing = False
+    if existing:
+        _check_same_run(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    pre_saved = None
+    if existing and (out / "encoders.json").is_file():
+        schema_saved = Schema.from_json((out / "schema.json").read_text())
+        pre_saved = Preprocessor.from_json(
+            schema_saved, (out / "encoders.json").read_text(), source=str(out / "encoders.json")
+        )
+    pre, data, _ = prepare_data(cfg, pre_saved)
+    schema = pre.schema
+    model_name = cfg.model.name
+    params = MODELS.parse_params(model_name, cfg.model.params)
+    model = build_model(model_name, schema, pre.table_sizes(), params)
+    strategy = build_weighting(cfg.balancing.name, model.loss_task_names, cfg.balancing.params())
+    if not existing:
+        write_text(out / "config.yaml", cfg.to_yaml())
+        write_text(out / "schema.json", schema.to_json())
+        write_text(out / "encoders.json", pre.to_json())
+        write_text(
+            out / "model.json",
+            json.dumps(
+                {
+                    "format": RUN_FORMAT,
+                    "name": model_name,
+                    "params": params.model_dump(mode="json"),
+                    "table_sizes": pre.table_sizes(),
+                },
+                indent=2,
+            ),
+        )
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    meta = {"schema_fingerprint": schema.fingerprint(), "model": model_name}
+    trainer = Trainer(
+        model,
+        schema,
+        config=cfg.training,
+        strategy=strategy,
+        monitor=cfg.monitor_key(schema),
+        run_dir=out,
+        meta=meta,
+        callbacks=[JsonlLogger(out / "metrics.jsonl"), *(callbacks or [])],
+        progress_label=progress_label,
+    )
+    train, valid, test = data["train"], data["valid"], data["test"]
+    assert train is not None
+    fit = trainer.fit(train, valid, resume=resume)
+    valid_metrics = trainer.evaluate(valid) if valid is not None else None
+    test_metrics = trainer.evaluate(test) if test is not None else None
+    unknown = {k: v.unknown_counts for k, v in data.items() if v is not None}
+    seconds = time.perf_counter() - t0
+    write_text(
+        out / "summary.json",
+        json.dumps(
+            {
+                "model": model_name,
+                "best_epoch": fit.best_epoch,
+                "monitor": fit.monitor,
+                "best_value": fit.best_value,
+                "epochs_run": fit.epochs_run,
+                "stop_reason": fit.stop_reason,
+                "valid": valid_metrics,
+                "test": test_metrics,
+                "unknown_categories": unknown,
+                "seconds": seconds,
+            },
+            indent=2,
+            allow_nan=True,
+        ),
+    )
+    return RunResult(out, fit, valid_metrics, test_metrics, unknown, seconds)
+
+
+def load_run(path: str | Path, *, checkpoint: str = "best") -> LoadedRun:
+    """Load a trained run folder (weights from ``best``, else ``last``; no pickle)."""
+    p = Path(path)
+    for f in ("config.yaml", "schema.json", "encoders.json", "model.json"):
+        if not (p / f).is_file():
+            raise CheckpointError(f"{p} is not an mtlrec run folder (no {f})")
+    try:
+        cfg_data = yaml.safe_load((p / "config.yaml").read_text())
+        model_info = json.loads((p / "model.json").read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: corrupt run files ({e})") from None
+    if model_info.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{p}: run format {model_info.get('format')!r} is not {RUN_FORMAT}")
+    cfg = ExperimentConfig.from_dict(cfg_data, source=str(p / "config.yaml"))
+    schema = Schema.from_json((p / "schema.json").read_text())
+    pre = Preprocessor.from_json(
+        schema, (p / "encoders.json").read_text(), source=str(p / "encoders.json")
+    )
+    model = build_model(model_info["name"], schema, pre.table_sizes(), model_info["params"])
+    ckpt_path = p / "checkpoints" / f"{checkpoint}.safetensors"
+    if not ckpt_path.is_file() and checkpoint == "best":
+        ckpt_path = p / "checkpoints" / "last.safetensors"
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.meta.get("schema_fingerprint") != schema.fingerprint():
+        raise CheckpointError(f"{ckpt_path}: checkpoint was trained on another schema")
+    restore_model(model, ckpt.model, source=str(ckpt_path))
+    model.eval()
+    return LoadedRun(p, cfg, schema, pre, model, model_info["name"])

@@ -1,0 +1,76 @@
+"""The contract between per-task losses and the update of the shared parameters.
+
+A strategy is an ``nn.Module`` (its learnable weights and running state live in its
+``state_dict``, so checkpoints and resume keep them). It never calls backward and never touches
+``.grad``: :func:`mtlrec.autograd.multitask_backward` is the one place that does.
+
+* Loss-based strategies implement :meth:`Weighting.weights` from the losses ``[T]``; the
+  objective is ``sum_t w_t L_t`` (plus :meth:`Weighting.regularizer`, e.g. the log-variance term
+  of uncertainty weighting, through which their own parameters learn).
+* Gradient-based strategies set ``needs_grads = True``; they then receive the per-task
+  gradients ``jacobian [T, P]`` of the shared parameters (or of the shared representation, with
+  ``grad_target = "representation"``), computed in one batched backward, and either return
+  weights or override :meth:`Weighting.aggregate` to map ``[T, P] -> [P]`` (gradient surgery).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+
+
+class Weighting(nn.Module, ABC):
+    """Base class of loss-balancing strategies.
+
+    Args:
+        task_names: the tasks, in the order of the loss vector.
+
+    Shapes:
+        losses: ``[T]``; jacobian: ``[T, P]``; weights: ``[T]``.
+    """
+
+    needs_grads: ClassVar[bool] = False
+    grad_target: Literal["parameters", "representation"] = "parameters"
+    paper: ClassVar[str] = ""
+
+    def __init__(self, task_names: Sequence[str]) -> None:
+        super().__init__()
+        self.task_names = tuple(task_names)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @abstractmethod
+    def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
+        """Task weights ``[T]`` for this step (treated as constants in the objective)."""
+
+    def regularizer(self, losses: Tensor) -> Tensor | None:
+        """An extra differentiable term of the objective (None: nothing)."""
+        del losses
+        return None
+
+    def objective(self, losses: Tensor, weights: Tensor) -> Tensor:
+        """The scalar to differentiate: ``sum_t w_t L_t`` (+ regulariser)."""
+        obj = (weights.detach() * losses).sum()
+        reg = self.regularizer(losses)
+        return obj if reg is None else obj + reg
+
+    def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
+        """Shared-parameter gradient ``[P]`` from per-task gradients ``[T, P]``."""
+        return weights @ jacobian
+
+    def on_step_end(self, losses: Tensor) -> None:
+        """Called after every optimiser step with the detached losses ``[T]``."""
+        del losses
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called at the end of every epoch."""
+        del epoch
+
+    def describe(self, weights: Tensor) -> dict[str, float]:
+        """Weights by task name, for logs."""
+        return {t: float(w) for t, w in zip(self.task_names, weights.tolist(), strict=True)}
