@@ -72,7 +72,8 @@ class Batch:
         labels[task]: ``[B]`` float32 (class index stored as float for multiclass); 0 where the
             task's mask is false.
         masks[task]: ``[B]`` bool, the task's sample space.
-        weights[task]: ``[B]`` float32 sample weights (1 where no weight column).
+        weights[task]: ``[B]`` float32 sample weights (1 where the task has no weight column),
+            0 outside the task's mask.
         groups: ``[B]`` int64 ids of the schema's group column, if it has one.
     """
 

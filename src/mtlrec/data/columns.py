@@ -39,6 +39,8 @@ def to_float(array: pa.Array | pa.ChunkedArray, *, file: str, column: str) -> np
         return np.full(len(arr), np.nan)
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         trimmed = pc.utf8_trim_whitespace(arr)
+        blank = pc.equal(pc.utf8_length(trimmed), 0)
+        trimmed = pc.if_else(blank, pa.scalar(None, pa.string()), trimmed)  # blank = missing
         try:
             out = pc.cast(trimmed, pa.float64())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -74,7 +76,8 @@ def to_category_strings(array: pa.Array | pa.ChunkedArray) -> pa.Array:
         finite = pc.is_finite(valid)
         if len(valid) and pc.all(finite).as_py():
             integral = pc.all(pc.equal(valid, pc.floor(valid))).as_py()
-            if integral:
+            exact = pc.max(pc.abs(valid)).as_py() < 2.0**53  # integers a float holds exactly
+            if integral and exact:
                 arr = pc.cast(arr, pa.int64())
     try:
         return pc.cast(arr, pa.string())

@@ -7,8 +7,8 @@
 * :class:`DenseEncoder` — fill value, optional ``log1p``, optional standardisation with the
   training mean and standard deviation.
 
-Encoding is vectorised: a column is dictionary-encoded by pyarrow, the (few) distinct values are
-looked up once, and the row ids come from one ``numpy.take``.
+Encoding is vectorised: vocabulary lookups are one ``pyarrow.compute.index_in`` per column;
+hashing hashes each distinct value once and maps rows with one ``numpy.take``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from mtlrec.schema import DenseFeature, SequenceFeature
 class CategoricalEncoder:
     """Value -> id for one embedding table.
 
+    The vocabulary is a pyarrow string array (most frequent first); encoding is one
+    ``pyarrow.compute.index_in`` over the column, with no Python per row or per value.
+
     Args:
         min_count: values seen fewer times in training map to the OOV id.
         max_size: keep at most this many values (the most frequent).
@@ -43,13 +46,14 @@ class CategoricalEncoder:
         min_count: int = 1,
         max_size: int | None = None,
         hash_buckets: int | None = None,
-        vocab: list[str] | None = None,
+        vocab: list[str] | pa.Array | None = None,
     ) -> None:
         self.min_count = min_count
         self.max_size = max_size
         self.hash_buckets = hash_buckets
-        self.vocab: list[str] = list(vocab or [])
-        self._index = {v: i + FIRST_ID for i, v in enumerate(self.vocab)}
+        self.vocab: pa.Array = (
+            vocab if isinstance(vocab, pa.Array) else pa.array(list(vocab or []), pa.string())
+        )
 
     @property
     def size(self) -> int:
@@ -59,39 +63,41 @@ class CategoricalEncoder:
         return len(self.vocab) + FIRST_ID
 
     def fit(self, arrays: list[pa.Array]) -> CategoricalEncoder:
-        """Learn the vocabulary from training values (all features of the table together)."""
+        """Learn the vocabulary from training values (all features of the table together).
+
+        Order: count descending, then value ascending (deterministic).
+        """
         if self.hash_buckets is not None:
             return self
-        counts: dict[str, int] = {}
-        for arr in arrays:
-            vc = pc.value_counts(pc.drop_null(arr))
-            for value, count in zip(
-                vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True
-            ):
-                counts[value] = counts.get(value, 0) + count
-        kept = [(c, v) for v, c in counts.items() if c >= self.min_count]
-        kept.sort(key=lambda cv: (-cv[0], cv[1]))
+        parts = [pc.drop_null(combine(a)) for a in arrays]
+        values = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+        vc = pc.value_counts(values)
+        vals, counts = vc.field("values"), vc.field("counts")
+        keep = pc.greater_equal(counts, self.min_count)
+        stats = pa.table({"v": pc.filter(vals, keep), "c": pc.filter(counts, keep)})
+        order = pc.sort_indices(stats, sort_keys=[("c", "descending"), ("v", "ascending")])
         if self.max_size is not None:
-            kept = kept[: self.max_size]
-        self.vocab = [v for _, v in kept]
-        self._index = {v: i + FIRST_ID for i, v in enumerate(self.vocab)}
+            order = order[: self.max_size]
+        self.vocab = pc.take(stats.column("v"), order).combine_chunks()
         return self
 
-    def _lookup(self, values: list[str]) -> np.ndarray:
-        if self.hash_buckets is not None:
-            b = self.hash_buckets
-            return np.fromiter(
-                (
-                    FIRST_ID
-                    + int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little")
-                    % b
-                    for v in values
-                ),
-                dtype=np.int64,
-                count=len(values),
-            )
-        get = self._index.get
-        return np.fromiter((get(v, OOV_ID) for v in values), dtype=np.int64, count=len(values))
+    def _hash_ids(self, strings: pa.Array) -> np.ndarray:
+        """Stable hashed ids (blake2b of each distinct value; nulls -> OOV)."""
+        b = self.hash_buckets or 1
+        enc = pc.dictionary_encode(strings)
+        uniques = enc.dictionary.to_pylist()
+        lut = np.empty(len(uniques) + 1, dtype=np.int32)
+        lut[:-1] = np.fromiter(
+            (
+                FIRST_ID
+                + int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") % b
+                for v in uniques
+            ),
+            dtype=np.int64,
+            count=len(uniques),
+        )
+        lut[-1] = OOV_ID
+        return lut[enc.indices.fill_null(len(uniques)).to_numpy(zero_copy_only=False)]
 
     def encode(self, strings: pa.Array) -> tuple[np.ndarray, int]:
         """Ids for string values (nulls -> OOV).
@@ -100,24 +106,21 @@ class CategoricalEncoder:
             ``(ids, unknown)``: int32 ids, and how many non-null values were not in the
             vocabulary.
         """
-        enc = pc.dictionary_encode(combine(strings))
-        uniques = enc.dictionary.to_pylist()
-        lut = np.empty(len(uniques) + 1, dtype=np.int32)
-        lut[:-1] = self._lookup(uniques)
-        lut[-1] = OOV_ID
-        idx = enc.indices.fill_null(len(uniques)).to_numpy(zero_copy_only=False)
-        ids = lut[idx]
-        unknown = 0
-        if self.hash_buckets is None:
-            unknown = int(np.count_nonzero(ids == OOV_ID)) - int(enc.indices.null_count)
-        return ids, unknown
+        strings = combine(strings)
+        if self.hash_buckets is not None:
+            return self._hash_ids(strings), 0
+        pos = pc.index_in(strings, value_set=self.vocab)  # null where absent or null
+        ids = pos.fill_null(OOV_ID - FIRST_ID).to_numpy(zero_copy_only=False).astype(np.int32)
+        ids += FIRST_ID
+        unknown = pos.null_count - strings.null_count
+        return ids, int(unknown)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "min_count": self.min_count,
             "max_size": self.max_size,
             "hash_buckets": self.hash_buckets,
-            "vocab": self.vocab,
+            "vocab": self.vocab.to_pylist(),
         }
 
     @classmethod
@@ -135,9 +138,13 @@ def encode_sequence(
 ) -> tuple[np.ndarray, int]:
     """A sequence feature as a padded id matrix ``[N, max_len]`` (PAD_ID after the ids)."""
     lists = to_list(column, feature.separator)
-    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
-    lengths = lengths.astype(np.int64)
-    flat = to_category_strings(pc.list_flatten(lists))
+    n = len(lists)
+    flat = to_category_strings(pc.list_flatten(lists))  # row order
+    parent = pc.list_parent_indices(lists)
+    # empty and null elements ("a||b", a null inside a Parquet list) are dropped, not OOV
+    keep = pc.and_kleene(pc.is_valid(flat), pc.greater(pc.utf8_length(flat), 0)).fill_null(False)
+    flat, parent = pc.filter(flat, keep), pc.filter(parent, keep)
+    lengths = np.bincount(parent.to_numpy(zero_copy_only=False), minlength=n).astype(np.int64)
     flat_ids, unknown = encoder.encode(flat) if len(flat) else (np.zeros(0, np.int32), 0)
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
@@ -191,7 +198,7 @@ class DenseEncoder:
             bad = x <= -1.0
             if bad.any():
                 raise DataError(
-                    f"log1p needs values > -1, found {x[bad][0]!r}",
+                    f"log1p needs values > -1, found {float(x[bad][0])!r}",
                     file=file,
                     column=name,
                     row=first_row(bad),

@@ -14,6 +14,7 @@ from mtlrec.errors import DataError
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz", ".csv.bz2", ".csv.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parquet.brotli", ".parquet.snappy", ".parquet.zstd")
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 NULL_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
 
 
@@ -114,8 +115,15 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> None:
     from mtlrec.utils.atomic import atomic_path
 
     fmt = file_format(path)
+    name = str(path).lower()
     with atomic_path(path) as tmp:
         if fmt == "parquet":
             pq.write_table(table, tmp)
+            return
+        opts = pacsv.WriteOptions(delimiter="\t" if ".tsv" in name else ",")
+        codec = next((c for suf, c in _CODECS.items() if name.endswith(suf)), None)
+        if codec is None:
+            pacsv.write_csv(table, tmp, write_options=opts)
         else:
-            pacsv.write_csv(table, tmp)
+            with pa.CompressedOutputStream(tmp, codec) as stream:
+                pacsv.write_csv(table, stream, write_options=opts)

@@ -35,7 +35,7 @@ def encode_label(table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str) -
         bad = mask & (y != 0.0) & (y != 1.0)
         if bad.any():
             raise DataError(
-                f"binary task {task.name!r} expects labels 0 or 1, found {y[bad][0]!r}",
+                f"binary task {task.name!r} expects labels 0 or 1, found {float(y[bad][0])!r}",
                 file=file,
                 column=col,
                 row=first_row(bad),
@@ -46,7 +46,7 @@ def encode_label(table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str) -
         if bad.any():
             raise DataError(
                 f"multiclass task {task.name!r} expects integer labels in [0, {c}), "
-                f"found {y[bad][0]!r}",
+                f"found {float(y[bad][0])!r}",
                 file=file,
                 column=col,
                 row=first_row(bad),
@@ -64,9 +64,9 @@ def encode_label(table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str) -
 
 
 def encode_weight(table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str) -> np.ndarray:
-    """Sample weights (1 without a weight column, 0 outside the mask)."""
+    """Sample weights: the weight column's values (1 without one) inside the mask, 0 outside."""
     if task.weight is None:
-        return np.ones(table.num_rows, dtype=np.float32)
+        return mask.astype(np.float32)
     w = to_float(table.column(task.weight), file=file, column=task.weight)
     bad = mask & ~np.isfinite(w)
     if bad.any():
@@ -79,7 +79,7 @@ def encode_weight(table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str) 
     bad = mask & (w < 0)
     if bad.any():
         raise DataError(
-            f"sample weights must be >= 0, found {w[bad][0]!r}",
+            f"sample weights must be >= 0, found {float(w[bad][0])!r}",
             file=file,
             column=task.weight,
             row=first_row(bad),

@@ -184,9 +184,8 @@ class EmbeddingCollection(nn.Module):
         return F.embedding_bag(gids, weight, mode="sum", per_sample_weights=w)  # [B, E]
 
     def forward(self, features: Features) -> Embedded:
-        b = features.batch_size
         groups = self.embed_fields(features)
-        parts = [g.reshape(b, -1) for g in groups]  # [B, F_g * E_g]
+        parts = [g.flatten(1) for g in groups]  # [B, F_g * E_g]
         parts += [self._pool(features, s) for s in self.layout.sequences]
         if features.dense.shape[1]:
             parts.append(features.dense)
