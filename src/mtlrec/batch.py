@@ -54,6 +54,16 @@ class Features:
         """One dense feature's values, ``[B]``."""
         return self.dense[:, self.dense_names.index(name)]
 
+    def slice(self, lo: int, hi: int) -> Features:
+        """Rows ``lo:hi`` (views, no copy)."""
+        return Features(
+            self.sparse[lo:hi],
+            self.dense[lo:hi],
+            {k: v[lo:hi] for k, v in self.sequences.items()},
+            self.sparse_names,
+            self.dense_names,
+        )
+
     def to(self, device: torch.device | str) -> Features:
         return Features(
             self.sparse.to(device),
@@ -85,6 +95,16 @@ class Batch:
 
     def __len__(self) -> int:
         return self.features.batch_size
+
+    def slice(self, lo: int, hi: int) -> Batch:
+        """Rows ``lo:hi`` (views, no copy)."""
+        return Batch(
+            self.features.slice(lo, hi),
+            {k: v[lo:hi] for k, v in self.labels.items()},
+            {k: v[lo:hi] for k, v in self.masks.items()},
+            {k: v[lo:hi] for k, v in self.weights.items()},
+            None if self.groups is None else self.groups[lo:hi],
+        )
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(

@@ -118,28 +118,24 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Per-task metrics of a trained run on its test split or on a file."""
-    from mtlrec.data.io import read_table
-    from mtlrec.data.sources import _categorical_columns, load_splits
+    from mtlrec.data.sources import load_datasets
+    from mtlrec.data.stream import encode_file
     from mtlrec.train.run import load_run
 
     loaded = load_run(run)
     if data is not None:
-        table = read_table(
-            data,
-            string_columns=_categorical_columns(loaded.schema),
-            delimiter=loaded.config.data.delimiter,
-        )
-        ds = loaded.preprocessor.encode(table, file=str(data), targets=True)
+        ds = encode_file(
+            loaded.preprocessor, data, targets=True, delimiter=loaded.config.data.delimiter
+        )[0]
         what = str(data)
     else:
         if split not in ("test", "valid"):
             raise typer.BadParameter("split must be test or valid")
-        splits, _ = load_splits(loaded.config)
-        table = getattr(splits, split)
-        if table is None:
+        sets = load_datasets(loaded.config, loaded.preprocessor)
+        found = sets.get(split)
+        if found is None:
             raise MtlrecError(f"the run's data has no {split} split; pass --data")
-        ds = loaded.preprocessor.encode(table, file=splits.names[split], targets=True)
-        what = splits.names[split]
+        ds, what = found, sets.names[split]
     metrics = loaded.trainer().evaluate(ds)
     if as_json:
         out.print_json(json.dumps(metrics))
@@ -162,22 +158,23 @@ def predict(
     import numpy as np
     import pyarrow as pa
 
-    from mtlrec.data.io import file_format, read_table, require_columns, write_table
-    from mtlrec.data.sources import _categorical_columns
+    from mtlrec.data.io import file_format, write_table
+    from mtlrec.data.stream import encode_file, record_batches
     from mtlrec.train.run import load_run
 
     file_format(output)  # fail early on an unknown output format
     loaded = load_run(run)
-    table = read_table(
-        input,
-        string_columns=_categorical_columns(loaded.schema),
-        delimiter=loaded.config.data.delimiter,
-    )
     kept = [c for c in keep.split(",") if c]
-    require_columns(table, kept, file=str(input), role="--keep")
-    ds = loaded.preprocessor.encode(table, file=str(input), targets=False)
+    ds = encode_file(
+        loaded.preprocessor, input, targets=False, delimiter=loaded.config.data.delimiter
+    )[0]
+    cols: dict[str, Any] = {}
+    if kept:
+        kept_table = pa.concat_tables(
+            record_batches(input, kept, delimiter=loaded.config.data.delimiter)
+        )
+        cols = {c: kept_table.column(c) for c in kept}
     preds = loaded.trainer().predict(ds)
-    cols: dict[str, Any] = {c: table.column(c) for c in kept}
     for task in loaded.schema.tasks:
         p = preds[task.name]
         if p.ndim == 2:

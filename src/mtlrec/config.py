@@ -86,6 +86,20 @@ class OptimizerConfig(BaseModel):
     momentum: float = Field(default=0.0, ge=0, lt=1)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
+    sparse_embeddings: bool = Field(
+        default=False,
+        description="embedding tables get sparse gradients and lazy updates (only the rows a "
+        "batch looked up move; Adam moments of other rows wait, as TF's LazyAdam): for tables "
+        "of millions of rows. Off: dense gradients and updates of every row, exact Adam",
+    )
+
+    @model_validator(mode="after")
+    def _sparse(self) -> OptimizerConfig:
+        if self.sparse_embeddings and self.embedding_weight_decay > 0:
+            raise ValueError("embedding_weight_decay needs sparse_embeddings: false")
+        if self.sparse_embeddings and self.name == "sgd" and self.momentum > 0:
+            raise ValueError("sgd with momentum needs sparse_embeddings: false")
+        return self
 
 
 class EarlyStoppingConfig(BaseModel):
@@ -99,6 +113,12 @@ class TrainingConfig(BaseModel):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=1024, ge=1)
     eval_batch_size: int = Field(default=8192, ge=1)
+    inference_block_rows: int = Field(
+        default=2048,
+        ge=1,
+        description="evaluation and prediction batches are scored in blocks of at most this "
+        "many rows (same result; keeps the activations the size of a training step's)",
+    )
     optimizer: OptimizerConfig = OptimizerConfig()
     grad_clip: float | None = Field(default=None, gt=0)
     seed: int = 0

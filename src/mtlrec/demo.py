@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from mtlrec.config import ExperimentConfig
+from mtlrec.data.sources import load_datasets
 from mtlrec.models.build import build_model
-from mtlrec.train.run import prepare_data
 from mtlrec.train.trainer import Trainer
 from mtlrec.utils.atomic import write_text
 
@@ -92,9 +92,9 @@ def run_demo(
     """Train every demo model for ``seeds`` seeds and collect test AUCs."""
     t0 = time.perf_counter()
     base = demo_config("mmoe")
-    pre, data, _ = prepare_data(base)
-    train, valid, test = data["train"], data["valid"], data["test"]
-    assert train is not None and valid is not None and test is not None
+    data = load_datasets(base)
+    pre, train, valid, test = data.preprocessor, data.train, data.valid, data.test
+    assert valid is not None and test is not None
     schema = pre.schema
     result = DemoResult(schema.task_names)
     for model_name in models:

@@ -7,6 +7,9 @@ and exits with status 2; Python users catch the class. Messages name the file, c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class MtlrecError(Exception):
     """Base class of every error mtlrec raises on purpose."""
@@ -43,6 +46,17 @@ class DataError(MtlrecError):
             where.append(f"row {row}")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+@contextlib.contextmanager
+def rows_offset(offset: int) -> Iterator[None]:
+    """Re-raise a :class:`DataError` of a chunk with its row counted from the file's start."""
+    try:
+        yield
+    except DataError as e:
+        if offset and e.row is not None:
+            raise DataError(e.detail, file=e.file, column=e.column, row=e.row + offset) from None
+        raise
 
 
 class ConfigError(MtlrecError):

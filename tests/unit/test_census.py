@@ -13,7 +13,7 @@ from mtlrec.data.census import (
     census_schema,
     read_census,
 )
-from mtlrec.data.sources import load_splits
+from mtlrec.data.sources import load_datasets
 from mtlrec.errors import ConfigError
 from mtlrec.schema import DenseFeature, SparseFeature
 
@@ -85,11 +85,11 @@ def test_builtin_splits_sizes() -> None:
     cfg = ExperimentConfig.from_dict(
         {"data": {"dataset": "census-income"}, "model": {"name": "mmoe"}}
     )
-    splits, schema = load_splits(cfg)
-    sizes = (splits.train.num_rows, splits.valid.num_rows, splits.test.num_rows)
+    splits = load_datasets(cfg)
+    sizes = (len(splits.train), len(splits.valid), len(splits.test))
     assert sizes == (60_044, 19_696, 20_022)
     assert sum(sizes) == 99_762
-    assert schema == census_schema(1)
+    assert splits.preprocessor.schema == census_schema(1)
     assert splits.names == {
         "train": "census-income[train]",
         "valid": "census-income[valid]",
@@ -105,4 +105,4 @@ def test_builtin_unknown_option_rejected() -> None:
         }
     )
     with pytest.raises(ConfigError, match="bogus"):
-        load_splits(cfg)
+        load_datasets(cfg)

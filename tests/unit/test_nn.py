@@ -307,7 +307,7 @@ def _tiny_collection(seed: int = 0) -> tuple[EmbeddingCollection, Features]:
     pre, ds = tiny_dataset(n=40)
     layout = FeatureLayout.from_schema(tiny_schema(), pre.table_sizes())
     torch.manual_seed(seed)
-    return EmbeddingCollection(layout), ds.features_at(slice(0, 40))
+    return EmbeddingCollection(layout, pad_to=1), ds.features_at(slice(0, 40))
 
 
 def _find_block(flat: Tensor, block: Tensor) -> list[int]:
@@ -424,7 +424,7 @@ HIST = torch.tensor(
 @pytest.mark.parametrize("pooling", ["mean", "sum", "max"])
 def test_sequence_pooling(pooling: str) -> None:
     torch.manual_seed(12)
-    emb = EmbeddingCollection(_seq_layout(pooling))
+    emb = EmbeddingCollection(_seq_layout(pooling), pad_to=1)
     out = emb(_seq_features(HIST)).flat[:, 3:]  # after the item field
     w = emb.table_weight("item")
     ref = _ref_pool(F.embedding(HIST, w), HIST != PAD_ID, pooling)
@@ -443,7 +443,7 @@ def test_sequence_pooling(pooling: str) -> None:
 
 
 def test_all_padding_max_pooling_has_finite_gradient() -> None:
-    emb = EmbeddingCollection(_seq_layout("max"))
+    emb = EmbeddingCollection(_seq_layout("max"), pad_to=1)
     out = emb(_seq_features(HIST)).flat
     out.sum().backward()
     grad = next(iter(emb.tables.values())).weight.grad
@@ -463,7 +463,7 @@ def test_mixed_embedding_dims() -> None:
         table_sizes={"user": 7, "item": 11, "city": 5},
         table_dims={"user": 4, "item": 6, "city": 4},
     )
-    emb = EmbeddingCollection(lay)
+    emb = EmbeddingCollection(lay, pad_to=1)
     assert len(emb.tables) == 2  # one fused table per width
     n = 12
     g = torch.Generator().manual_seed(0)
@@ -576,3 +576,22 @@ def test_task_heads_batch_of_one() -> None:
     heads = TaskHeads(TASKS, 4, (3,))
     out = heads(torch.randn(1, 4))
     assert out["ctr"].shape == (1,) and out["genre"].shape == (1, 3)
+
+
+def test_flat_width_padded_with_zeros_to_a_multiple_of_8() -> None:
+    """Default padding rounds the flat width up with zero columns that change nothing."""
+    lay = FeatureLayout(
+        (FieldSpec("a", "a", 4), FieldSpec("b", "b", 4)),
+        (),
+        ("x",),
+        {"a": 5, "b": 7},
+        {"a": 4, "b": 4},
+    )
+    feats = Features(torch.tensor([[2, 3], [4, 6]], dtype=torch.int32), torch.ones(2, 1))
+    padded = EmbeddingCollection(lay)
+    plain = EmbeddingCollection(lay, pad_to=1)
+    plain.load_state_dict(padded.state_dict())
+    out, ref = padded(feats).flat, plain(feats).flat
+    assert padded.out_dim == 16 and out.shape == (2, 16) and ref.shape == (2, 9)
+    torch.testing.assert_close(out[:, :9], ref)
+    assert torch.count_nonzero(out[:, 9:]) == 0

@@ -328,14 +328,21 @@ def test_labels_present_but_mask_missing_raises(pre: Preprocessor) -> None:
 
 
 def test_group_column_encoded(pre: Preprocessor) -> None:
+    """Group ids are stable across tables and chunks: equal values, equal ids; missing -> -1."""
     ds = pre.encode(train_table())
     assert ds.groups is not None
     assert ds.groups.dtype == torch.int64
-    assert ds.groups.tolist() == [0, 0, 1, 1]
+    g = ds.groups.tolist()
+    assert g[0] == g[1] != g[2] == g[3]
     t = with_column(train_table(), "req", ["x", None, "y", "x"])
-    assert pre.encode(t).groups.tolist() == [0, -1, 1, 0]
+    g2 = pre.encode(t).groups.tolist()
+    assert g2[1] == -1 and g2[0] == g2[3] != g2[2]
+    g3 = pre.encode(t.slice(2, 2)).groups.tolist()  # another chunk of the same file
+    assert g3 == g2[2:]
     assert pre.encode(train_table().drop(["req"])).groups is None
-    assert pre.encode(train_table()).take(slice(1, 3)).groups.tolist() == [0, 1]
+    assert pre.encode(train_table()).take(slice(1, 3)).groups.tolist() == g[1:3]
+    ints = with_column(train_table(), "req", pa.array([7, 7, None, 9]))
+    assert pre.encode(ints).groups.tolist() == [7, 7, -1, 9]
 
 
 # -- mtlrec.testing -------------------------------------------------------------------------------

@@ -139,6 +139,35 @@ class ColumnarDataset:
             sel(self.weights),
             sel(self.groups),
             self.source,
+            dict(self.unknown_counts),
+        )
+
+    @classmethod
+    def concat(cls, parts: list[ColumnarDataset]) -> ColumnarDataset:
+        """Rows of several data sets of one schema, in order."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+
+        def cat(get) -> Tensor | None:
+            vals = [get(p) for p in parts]
+            return None if vals[0] is None else torch.cat(vals)
+
+        unknown: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.unknown_counts.items():
+                unknown[k] = unknown.get(k, 0) + v
+        return cls(
+            first.schema,
+            torch.cat([p.sparse for p in parts]),
+            torch.cat([p.dense for p in parts]),
+            {k: torch.cat([p.sequences[k] for p in parts]) for k in first.sequences},
+            cat(lambda p: p.labels),
+            cat(lambda p: p.masks),
+            cat(lambda p: p.weights),
+            cat(lambda p: p.groups),
+            first.source,
+            unknown,
         )
 
     def label_dict(self) -> dict[str, Tensor]:

@@ -27,6 +27,13 @@ from mtlrec.errors import DataError
 from mtlrec.schema import DenseFeature, SequenceFeature
 
 
+def _merge_counts(chunks: list[pa.Table]) -> pa.Table:
+    if not chunks:
+        return pa.table({"v": pa.array([], pa.string()), "c": pa.array([], pa.int64())})
+    merged = pa.concat_tables(chunks).group_by("v").aggregate([("c", "sum")])
+    return merged.rename_columns(["v", "c"]).combine_chunks()
+
+
 class CategoricalEncoder:
     """Value -> id for one embedding table.
 
@@ -54,6 +61,7 @@ class CategoricalEncoder:
         self.vocab: pa.Array = (
             vocab if isinstance(vocab, pa.Array) else pa.array(list(vocab or []), pa.string())
         )
+        self._counts: list[pa.Table] = []
 
     @property
     def size(self) -> int:
@@ -62,24 +70,35 @@ class CategoricalEncoder:
             return self.hash_buckets + FIRST_ID
         return len(self.vocab) + FIRST_ID
 
-    def fit(self, arrays: list[pa.Array]) -> CategoricalEncoder:
-        """Learn the vocabulary from training values (all features of the table together).
-
-        Order: count descending, then value ascending (deterministic).
-        """
+    def partial_fit(self, arrays: list[pa.Array]) -> CategoricalEncoder:
+        """Count training values (call for every chunk, then :meth:`finalize`)."""
         if self.hash_buckets is not None:
             return self
         parts = [pc.drop_null(combine(a)) for a in arrays]
-        values = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-        vc = pc.value_counts(values)
-        vals, counts = vc.field("values"), vc.field("counts")
-        keep = pc.greater_equal(counts, self.min_count)
-        stats = pa.table({"v": pc.filter(vals, keep), "c": pc.filter(counts, keep)})
+        if not parts:
+            return self
+        vc = pc.value_counts(pa.concat_arrays(parts))
+        self._counts.append(pa.table({"v": vc.field("values"), "c": vc.field("counts")}))
+        if len(self._counts) > 16:  # keep the running counts compact
+            self._counts = [_merge_counts(self._counts)]
+        return self
+
+    def finalize(self) -> CategoricalEncoder:
+        """Build the vocabulary from the counts: count descending, then value ascending."""
+        if self.hash_buckets is not None:
+            return self
+        stats = _merge_counts(self._counts)
+        self._counts = []
+        stats = stats.filter(pc.greater_equal(stats.column("c"), self.min_count))
         order = pc.sort_indices(stats, sort_keys=[("c", "descending"), ("v", "ascending")])
         if self.max_size is not None:
             order = order[: self.max_size]
         self.vocab = pc.take(stats.column("v"), order).combine_chunks()
         return self
+
+    def fit(self, arrays: list[pa.Array]) -> CategoricalEncoder:
+        """Learn the vocabulary from training values (all features of the table together)."""
+        return self.partial_fit(arrays).finalize()
 
     def _hash_ids(self, strings: pa.Array) -> np.ndarray:
         """Stable hashed ids (blake2b of each distinct value; nulls -> OOV)."""
@@ -99,6 +118,18 @@ class CategoricalEncoder:
         lut[-1] = OOV_ID
         return lut[enc.indices.fill_null(len(uniques)).to_numpy(zero_copy_only=False)]
 
+    def lookup(self, strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Ids for string values (nulls -> OOV) and a bool mask of the rows whose (non-null)
+        value is not in the vocabulary."""
+        strings = combine(strings)
+        if self.hash_buckets is not None:
+            return self._hash_ids(strings), np.zeros(len(strings), dtype=bool)
+        pos = pc.index_in(strings, value_set=self.vocab)  # null where absent or null
+        ids = pos.fill_null(OOV_ID - FIRST_ID).to_numpy(zero_copy_only=False).astype(np.int32)
+        ids += FIRST_ID
+        unknown = pc.and_(pc.is_null(pos), pc.is_valid(strings))
+        return ids, unknown.to_numpy(zero_copy_only=False)
+
     def encode(self, strings: pa.Array) -> tuple[np.ndarray, int]:
         """Ids for string values (nulls -> OOV).
 
@@ -106,14 +137,8 @@ class CategoricalEncoder:
             ``(ids, unknown)``: int32 ids, and how many non-null values were not in the
             vocabulary.
         """
-        strings = combine(strings)
-        if self.hash_buckets is not None:
-            return self._hash_ids(strings), 0
-        pos = pc.index_in(strings, value_set=self.vocab)  # null where absent or null
-        ids = pos.fill_null(OOV_ID - FIRST_ID).to_numpy(zero_copy_only=False).astype(np.int32)
-        ids += FIRST_ID
-        unknown = pos.null_count - strings.null_count
-        return ids, int(unknown)
+        ids, unknown = self.lookup(strings)
+        return ids, int(unknown.sum())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,29 +161,43 @@ class CategoricalEncoder:
 def encode_sequence(
     encoder: CategoricalEncoder, feature: SequenceFeature, column: pa.Array
 ) -> tuple[np.ndarray, int]:
-    """A sequence feature as a padded id matrix ``[N, max_len]`` (PAD_ID after the ids)."""
+    """A sequence feature as a padded id matrix ``[N, max_len]`` (PAD_ID after the ids) and the
+    number of unknown ids."""
+    ids, unknown = sequence_ids(encoder, feature, column)
+    return ids, int(unknown.sum())
+
+
+def sequence_ids(
+    encoder: CategoricalEncoder, feature: SequenceFeature, column: pa.Array
+) -> tuple[np.ndarray, np.ndarray]:
+    """Padded ids ``[N, max_len]`` and the number of unknown ids of every row ``[N]``."""
     lists = to_list(column, feature.separator)
     n = len(lists)
     flat = to_category_strings(pc.list_flatten(lists))  # row order
     parent = pc.list_parent_indices(lists)
     # empty and null elements ("a||b", a null inside a Parquet list) are dropped, not OOV
     keep = pc.and_kleene(pc.is_valid(flat), pc.greater(pc.utf8_length(flat), 0)).fill_null(False)
-    flat, parent = pc.filter(flat, keep), pc.filter(parent, keep)
-    lengths = np.bincount(parent.to_numpy(zero_copy_only=False), minlength=n).astype(np.int64)
-    flat_ids, unknown = encoder.encode(flat) if len(flat) else (np.zeros(0, np.int32), 0)
-    starts = np.zeros(len(lengths), dtype=np.int64)
+    flat = pc.filter(flat, keep)
+    parent_np = pc.filter(parent, keep).to_numpy(zero_copy_only=False)
+    lengths = np.bincount(parent_np, minlength=n).astype(np.int64)
+    if len(flat):
+        flat_ids, unknown_flat = encoder.lookup(flat)
+    else:
+        flat_ids, unknown_flat = np.zeros(0, np.int32), np.zeros(0, bool)
+    unknown_rows = np.bincount(parent_np[unknown_flat], minlength=n)
+    starts = np.zeros(n, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     L = feature.max_len
-    keep = np.minimum(lengths, L)
+    keep_n = np.minimum(lengths, L)
     if feature.truncate == "last":
-        starts = starts + (lengths - keep)
+        starts = starts + (lengths - keep_n)
     pos = np.arange(L, dtype=np.int64)
-    valid = pos[None, :] < keep[:, None]  # [N, L]
+    valid = pos[None, :] < keep_n[:, None]  # [N, L]
     gather = np.where(valid, starts[:, None] + pos[None, :], 0)  # [N, L]
-    out = np.full((len(lengths), L), PAD_ID, dtype=np.int32)
+    out = np.full((n, L), PAD_ID, dtype=np.int32)
     if len(flat_ids):
         out[valid] = flat_ids[gather[valid]]
-    return out, unknown
+    return out, unknown_rows
 
 
 class DenseEncoder:
@@ -182,6 +221,7 @@ class DenseEncoder:
         self.transform = transform
         self.mean = mean
         self.std = std
+        self._n, self._mean, self._m2 = 0, 0.0, 0.0
 
     def _pre(self, column: pa.Array, file: str, name: str) -> np.ndarray:
         x = to_float(column, file=file, column=name)
@@ -206,13 +246,37 @@ class DenseEncoder:
             x = np.log1p(x)
         return x
 
-    def fit(self, column: pa.Array, *, file: str, name: str) -> DenseEncoder:
+    def partial_fit(
+        self, column: pa.Array, *, file: str, name: str, rows: np.ndarray | None = None
+    ) -> DenseEncoder:
+        """Accumulate statistics of a chunk (every value is checked; only ``rows``, a bool
+        mask, are counted), then call :meth:`finalize`. Moments are merged with Chan et al.'s
+        pairwise update, stable for any number of chunks."""
         x = self._pre(column, file, name)
-        if self.transform.endswith("standardize"):
-            self.mean = float(x.mean())
-            sd = float(x.std())
-            self.std = sd if sd > 1e-12 and math.isfinite(sd) else 1.0
+        if rows is not None:
+            x = x[rows]
+        n = x.size
+        if n == 0:
+            return self
+        mean = float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        tot = self._n + n
+        delta = mean - self._mean
+        self._mean += delta * n / tot
+        self._m2 += m2 + delta * delta * self._n * n / tot
+        self._n = tot
         return self
+
+    def finalize(self) -> DenseEncoder:
+        if self.transform.endswith("standardize") and self._n > 0:
+            self.mean = self._mean
+            sd = math.sqrt(self._m2 / self._n)
+            self.std = sd if sd > 1e-12 and math.isfinite(sd) else 1.0
+        self._n, self._mean, self._m2 = 0, 0.0, 0.0
+        return self
+
+    def fit(self, column: pa.Array, *, file: str, name: str) -> DenseEncoder:
+        return self.partial_fit(column, file=file, name=name).finalize()
 
     def encode(self, column: pa.Array, *, file: str, name: str) -> np.ndarray:
         x = self._pre(column, file, name)

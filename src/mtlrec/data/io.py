@@ -14,6 +14,8 @@ from mtlrec.errors import DataError
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz", ".csv.bz2", ".csv.zst")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parquet.brotli", ".parquet.snappy", ".parquet.zstd")
+ROW_GROUP_ROWS = 65_536
+"""Rows per Parquet row group written by mtlrec (readers stream one group at a time)."""
 _CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 NULL_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
 
@@ -118,7 +120,7 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> None:
     name = str(path).lower()
     with atomic_path(path) as tmp:
         if fmt == "parquet":
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
             return
         opts = pacsv.WriteOptions(delimiter="\t" if ".tsv" in name else ",")
         codec = next((c for suf, c in _CODECS.items() if name.endswith(suf)), None)

@@ -1,4 +1,9 @@
-"""From a data config to raw train / valid / test tables and the schema that reads them."""
+"""From a data config to encoded train / valid / test data sets and the schema that reads them.
+
+Files are streamed (:mod:`mtlrec.data.stream`): encoders are fitted on the training rows in a
+first pass and every split is encoded in a second, so the raw table is never held whole.
+Built-in data sets are small and loaded in memory.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,29 @@ from typing import Any
 import pyarrow as pa
 
 from mtlrec.config import DataConfig, ExperimentConfig, SplitConfig
-from mtlrec.data.io import read_table
+from mtlrec.data.dataset import ColumnarDataset
+from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.split import hash_split
+from mtlrec.data.stream import encode_file, fit_file
 from mtlrec.errors import ConfigError
-from mtlrec.schema import Schema, SequenceFeature, SparseFeature
+from mtlrec.schema import Schema
 
 DEFAULT_SPLIT = SplitConfig(fractions=(0.8, 0.1, 0.1))
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass
-class Splits:
-    """Raw tables and the names used for them in error messages."""
+class Datasets:
+    """Encoded splits (valid / test may be absent) and the names used in messages."""
 
-    train: pa.Table
-    valid: pa.Table | None
-    test: pa.Table | None
+    preprocessor: Preprocessor
+    train: ColumnarDataset
+    valid: ColumnarDataset | None
+    test: ColumnarDataset | None
     names: dict[str, str]
+
+    def get(self, split: str) -> ColumnarDataset | None:
+        return getattr(self, split)
 
 
 @dataclass(frozen=True)
@@ -59,20 +71,30 @@ BUILTIN: dict[str, BuiltinDataset] = {
 }
 
 
-def _categorical_columns(schema: Schema) -> list[str]:
-    return [f.source for f in schema.features if isinstance(f, SparseFeature | SequenceFeature)]
-
-
-def split_table(table: pa.Table, split: SplitConfig) -> tuple[pa.Table, pa.Table, pa.Table]:
+def split_table(table: pa.Table, split: SplitConfig) -> tuple[pa.Table, ...]:
     parts = hash_split(table.num_rows, split.fractions, split.seed)
-    return tuple(table.take(pa.array(p)) for p in parts)  # type: ignore[return-value]
+    return tuple(table.take(pa.array(p)) for p in parts)
 
 
-def load_splits(cfg: ExperimentConfig) -> tuple[Splits, Schema]:
-    """Read the configured data and split it.
+def config_schema(cfg: ExperimentConfig) -> Schema:
+    """The schema of an experiment: the config's, or its built-in data set's default."""
+    if cfg.schema_ is not None:
+        return cfg.schema_
+    d = cfg.data
+    if d.dataset is None:
+        raise ConfigError("the config needs a schema section when data comes from files")
+    if d.dataset not in BUILTIN:
+        raise ConfigError(f"unknown data set {d.dataset!r}; built-in: {sorted(BUILTIN)}")
+    return BUILTIN[d.dataset].load(d.options)[1]
 
-    Returns:
-        The raw tables and the schema (the config's, or the built-in data set's default).
+
+def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Datasets:
+    """Read, split and encode the configured data.
+
+    Args:
+        cfg: the experiment.
+        pre: fitted encoders to reuse (resuming, evaluating); None fits them on the training
+            split.
     """
     d: DataConfig = cfg.data
     if d.dataset is not None:
@@ -81,33 +103,43 @@ def load_splits(cfg: ExperimentConfig) -> tuple[Splits, Schema]:
         b = BUILTIN[d.dataset]
         table, default_schema = b.load(d.options)
         schema = cfg.schema_ or default_schema
-        train, valid, test = split_table(table, d.split or b.split)
-        names = {k: f"{d.dataset}[{k}]" for k in ("train", "valid", "test")}
-        return Splits(train, valid, test, names), schema
-    if cfg.schema_ is None:
-        raise ConfigError("the config needs a schema section when data comes from files")
-    schema = cfg.schema_
-    strings = _categorical_columns(schema)
+        parts = split_table(table, d.split or b.split)
+        names = {k: f"{d.dataset}[{k}]" for k in SPLITS}
+        if pre is None:
+            pre = Preprocessor.fit(schema, parts[0], file=names["train"])
+        enc = [
+            pre.encode(t, file=names[k], targets=True) for k, t in zip(SPLITS, parts, strict=True)
+        ]
+        return Datasets(pre, enc[0], enc[1], enc[2], names)
+
+    schema = config_schema(cfg)
     assert d.train is not None
     train_path = cfg.resolve_path(d.train)
-    train = read_table(train_path, string_columns=strings, delimiter=d.delimiter)
-    names = {"train": d.train}
-    valid = test = None
-    if d.valid is not None:
-        valid = read_table(cfg.resolve_path(d.valid), string_columns=strings, delimiter=d.delimiter)
-        names["valid"] = d.valid
-    if d.test is not None:
-        test = read_table(cfg.resolve_path(d.test), string_columns=strings, delimiter=d.delimiter)
-        names["test"] = d.test
-    if valid is None:
-        split = d.split or DEFAULT_SPLIT
-        whole = train
-        train, valid, part_test = split_table(whole, split)
-        if test is None:
-            test = part_test
-            names["test"] = f"{d.train}[test split]"
-        else:
-            train = pa.concat_tables([train, part_test])
-        names["train"] = f"{d.train}[train split]"
-        names["valid"] = f"{d.train}[valid split]"
-    return Splits(train, valid, test, names), schema
+    valid_path = cfg.resolve_path(d.valid) if d.valid else None
+    test_path = cfg.resolve_path(d.test) if d.test else None
+    if valid_path is not None:
+        if pre is None:
+            pre = fit_file(schema, train_path, delimiter=d.delimiter)
+        train = encode_file(pre, train_path, delimiter=d.delimiter)[0]
+        valid = encode_file(pre, valid_path, delimiter=d.delimiter)[0]
+        test = encode_file(pre, test_path, delimiter=d.delimiter)[0] if test_path else None
+        names = {"train": d.train, "valid": d.valid or "", "test": d.test or ""}
+        return Datasets(pre, train, valid, test, names)
+    # one file split by row hash (train / valid, and test unless a test file is given)
+    split = d.split or DEFAULT_SPLIT
+    f_train, f_valid = split.fractions[:2]
+    if test_path is not None:
+        total = f_train + f_valid
+        fractions: tuple[float, ...] = (f_train / total, f_valid / total)
+    else:
+        fractions = split.fractions
+    spec = (fractions, split.seed)
+    if pre is None:
+        pre = fit_file(schema, train_path, split=spec, delimiter=d.delimiter)
+    parts = encode_file(pre, train_path, split=spec, delimiter=d.delimiter)
+    names = {k: f"{d.train}[{k} split]" for k in SPLITS}
+    if test_path is not None:
+        names["test"] = d.test or ""
+        test = encode_file(pre, test_path, delimiter=d.delimiter)[0]
+        return Datasets(pre, parts[0], parts[1], test, names)
+    return Datasets(pre, parts[0], parts[1], parts[2], names)

@@ -18,20 +18,28 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def hash_part(
+    rows: np.ndarray, fractions: tuple[float, ...] = (0.6, 0.2, 0.2), seed: int = 0
+) -> np.ndarray:
+    """The part (0, 1, 2, ...) of each 0-based row number: ``u = hash(row, seed) / 2^64`` falls
+    in the cumulative fractions. A row's part depends only on its number, so a file read in
+    chunks is split exactly as when read whole."""
+    with np.errstate(over="ignore"):
+        keys = rows.astype(np.uint64) ^ (np.uint64(seed) * _M2)
+    u = (splitmix64(keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    edges = np.cumsum(fractions)[:-1]
+    return np.searchsorted(edges, u, side="right")
+
+
 def hash_split(
     n: int, fractions: tuple[float, ...] = (0.6, 0.2, 0.2), seed: int = 0
 ) -> list[np.ndarray]:
-    """Row indices of each part: row i goes to the part where ``u_i = hash(i, seed) / 2^64``
-    falls in the cumulative fractions.
+    """Row indices of each part (see :func:`hash_part`).
 
     Example:
         >>> parts = hash_split(1000, (0.6, 0.2, 0.2))
         >>> [len(p) for p in parts], sorted(np.concatenate(parts).tolist()) == list(range(1000))
         ([600, 208, 192], True)
     """
-    with np.errstate(over="ignore"):
-        keys = np.arange(n, dtype=np.uint64) ^ (np.uint64(seed) * _M2)
-    u = (splitmix64(keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    edges = np.cumsum(fractions)[:-1]
-    part = np.searchsorted(edges, u, side="right")
+    part = hash_part(np.arange(n, dtype=np.uint64), fractions, seed)
     return [np.flatnonzero(part == k) for k in range(len(fractions))]

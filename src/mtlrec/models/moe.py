@@ -35,7 +35,7 @@ class _MoEBase(MultiTaskModel):
         super().__init__(layout, tasks, params)
         p = params
         self.embedding = self.make_embedding()
-        d_in = layout.flat_dim
+        d_in = self.embedding.out_dim
         self.experts = ExpertBank(
             p.num_experts, d_in, p.expert_hidden, activation=p.activation, dropout=p.dropout
         )

@@ -38,7 +38,7 @@ class SharedBottom(MultiTaskModel):
         p = params
         self.embedding = self.make_embedding()
         self.bottom = MLP(
-            layout.flat_dim, p.bottom_hidden, activation=p.activation, dropout=p.dropout
+            self.embedding.out_dim, p.bottom_hidden, activation=p.activation, dropout=p.dropout
         )
         self.heads = TaskHeads(
             self.tasks,

@@ -38,7 +38,7 @@ class SingleTask(MultiTaskModel):
         super().__init__(layout, tasks, params)
         p = params
         self.embeddings = nn.ModuleDict({t: self.make_embedding() for t in self.task_names})
-        d_in = layout.flat_dim
+        d_in = self.embeddings[self.task_names[0]].out_dim
         self.bottoms = nn.ModuleDict(
             {
                 t: MLP(d_in, p.bottom_hidden, activation=p.activation, dropout=p.dropout)

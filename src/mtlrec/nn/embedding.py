@@ -77,8 +77,9 @@ class Embedded:
     """Embedded inputs of one batch.
 
     Shapes:
-        flat: ``[B, flat_dim]`` — sparse embeddings, pooled sequences and dense values side
-            by side (the usual input of experts and bottoms).
+        flat: ``[B, out_dim]`` — sparse embeddings, pooled sequences and dense values side
+            by side (the usual input of experts and bottoms), then zero padding up to
+            ``out_dim``.
         fields: ``[B, F_sparse, E]`` when all sparse fields share one width, else None (for
             factorization-machine terms).
         dense: ``[B, F_dense]``.
@@ -95,6 +96,9 @@ class EmbeddingCollection(nn.Module):
     Args:
         layout: the inputs (fields, tables, sizes).
         init_std: standard deviation of the normal initialisation of all tables.
+        pad_to: round the flat width up to a multiple of this with zero columns (GEMMs with an
+            inner dimension of a multiple of 8 run up to 30% faster on x86 BLAS; the zeros
+            change no result). 1 disables.
 
     Example:
         >>> import torch
@@ -104,11 +108,11 @@ class EmbeddingCollection(nn.Module):
         >>> emb = EmbeddingCollection(lay)
         >>> from mtlrec.batch import Features
         >>> f = Features(torch.tensor([[2, 3]], dtype=torch.int32), torch.ones(1, 1))
-        >>> emb(f).flat.shape
-        torch.Size([1, 9])
+        >>> emb(f).flat.shape  # 4 + 4 + 1 values, zero-padded to a multiple of 8
+        torch.Size([1, 16])
     """
 
-    def __init__(self, layout: FeatureLayout, *, init_std: float = 0.05) -> None:
+    def __init__(self, layout: FeatureLayout, *, init_std: float = 0.05, pad_to: int = 8) -> None:
         super().__init__()
         self.layout = layout
         dims = sorted(set(layout.table_dims.values()))
@@ -139,7 +143,9 @@ class EmbeddingCollection(nn.Module):
             )
             self._groups.append((key, f"_cols_{key}"))
         self._single = len(self._groups) == 1 and len(layout.sparse) > 0
-        self.out_dim = layout.flat_dim
+        self.sparse_grad = False  # set by the trainer (optimizer.sparse_embeddings)
+        self.pad = -layout.flat_dim % pad_to
+        self.out_dim = layout.flat_dim + self.pad
 
     def table_weight(self, table: str) -> Tensor:
         """The rows of one table (a view into its fused weight)."""
@@ -155,7 +161,7 @@ class EmbeddingCollection(nn.Module):
             offs: Tensor = getattr(self, f"_offs_{key}")
             ids = features.sparse if self._single else features.sparse[:, getattr(self, cols_name)]
             weight = self.tables[key].weight
-            out.append(F.embedding(ids + offs, weight))  # [B, F_g, E_g]
+            out.append(F.embedding(ids + offs, weight, sparse=self.sparse_grad))  # [B, F_g, E_g]
         return out
 
     def embed_sequence(self, features: Features, name: str) -> tuple[Tensor, Tensor]:
@@ -167,7 +173,8 @@ class EmbeddingCollection(nn.Module):
         spec = next(s for s in self.layout.sequences if s.name == name)
         ids = features.sequences[name]
         weight = self.tables[self._dim_key[spec.dim]].weight
-        return F.embedding(ids + self.table_offset[spec.table], weight), ids != PAD_ID
+        gids = ids + self.table_offset[spec.table]
+        return F.embedding(gids, weight, sparse=self.sparse_grad), ids != PAD_ID
 
     def _pool(self, features: Features, spec: SequenceSpec) -> Tensor:
         ids = features.sequences[spec.name]  # [B, L]
@@ -175,13 +182,16 @@ class EmbeddingCollection(nn.Module):
         weight = self.tables[self._dim_key[spec.dim]].weight
         gids = ids + self.table_offset[spec.table]
         if spec.pooling == "max":
-            vals = F.embedding(gids, weight).masked_fill(~mask.unsqueeze(-1), float("-inf"))
+            vals = F.embedding(gids, weight, sparse=self.sparse_grad)
+            vals = vals.masked_fill(~mask.unsqueeze(-1), float("-inf"))
             pooled = vals.amax(dim=1)  # [B, E]
             return torch.where(mask.any(1, keepdim=True), pooled, torch.zeros_like(pooled))
         w = mask.to(weight.dtype)
         if spec.pooling == "mean":
             w = w / mask.sum(1, keepdim=True).clamp_min(1).to(weight.dtype)
-        return F.embedding_bag(gids, weight, mode="sum", per_sample_weights=w)  # [B, E]
+        return F.embedding_bag(
+            gids, weight, mode="sum", per_sample_weights=w, sparse=self.sparse_grad
+        )  # [B, E]
 
     def forward(self, features: Features) -> Embedded:
         groups = self.embed_fields(features)
@@ -189,5 +199,7 @@ class EmbeddingCollection(nn.Module):
         parts += [self._pool(features, s) for s in self.layout.sequences]
         if features.dense.shape[1]:
             parts.append(features.dense)
+        if self.pad:
+            parts.append(features.dense.new_zeros(features.batch_size, self.pad))
         flat = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return Embedded(flat, groups[0] if self._single else None, features.dense)

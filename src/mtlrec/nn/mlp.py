@@ -174,11 +174,17 @@ class ParallelMLP(nn.Module):
         n_layers = len(self.weights)
         for i in range(n_layers):
             w, b = self.weights[i], self.biases[i]
+            last = i == n_layers - 1
             if i == 0 and self.shared_input:
                 bsz = x.shape[0]
+                # one GEMM for all members; activate the contiguous result, then view it per
+                # member (an in-place op on the transposed view would cost copies in backward)
                 h = torch.addmm(b, x, w)  # [B, num * d]
-                x = h.view(bsz, self.num, self.dims[0]).transpose(0, 1)  # [num, B, d]
+                if self.layer_norm:  # normalised per member: view first
+                    h = self._activate(h.view(bsz, self.num, self.dims[0]), last)
+                else:
+                    h = self._activate(h, last)
+                x = h.view(bsz, self.num, self.dims[0]).transpose(0, 1)  # [num, B, d] (strided)
             else:
-                x = torch.baddbmm(b, x, w)  # [num, B, d]
-            x = self._activate(x, last=i == n_layers - 1)
+                x = self._activate(torch.baddbmm(b, x, w), last)  # [num, B, d]
         return x

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtlrec.errors import CheckpointError
+from mtlrec.train.optimizers import Optimizer
 from mtlrec.utils.atomic import atomic_path
 
 CHECKPOINT_VERSION = "1"
@@ -63,7 +64,7 @@ def save_checkpoint(
     *,
     model: nn.Module,
     strategy: nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
     meta: dict[str, Any] | None = None,
     save_rng: bool = True,
 ) -> None:

@@ -1,19 +1,19 @@
 """Optimisers: Adam, AdamW, Adagrad, SGD over named parameter groups.
 
 Groups: dense model weights (``weight_decay``), embedding tables (``embedding_weight_decay``,
-0 by default) and the balancing strategy's own parameters (no decay). The fused CPU kernels are
-used where torch has them (one kernel over all tensors instead of a Python loop).
+0 by default) and the balancing strategy's own parameters (no decay). See
+:mod:`mtlrec.train.optimizers` for why these are not ``torch.optim`` classes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from mtlrec.config import OptimizerConfig
 from mtlrec.models.base import MultiTaskModel
+from mtlrec.train.optimizers import SGD, Adagrad, Adam, Optimizer
 
 
 def param_groups(
@@ -34,23 +34,11 @@ def param_groups(
 
 def build_optimizer(
     model: MultiTaskModel, strategy: nn.Module | None, cfg: OptimizerConfig
-) -> torch.optim.Optimizer:
+) -> Optimizer:
     """The configured optimiser over the model's (and the strategy's) parameters."""
     groups = param_groups(model, strategy, cfg)
-    kw: dict[str, Any] = {"lr": cfg.lr}
-    if cfg.name == "adam":
-        cls: type[torch.optim.Optimizer] = torch.optim.Adam
-        kw.update(betas=cfg.betas, eps=cfg.eps)
-    elif cfg.name == "adamw":
-        cls = torch.optim.AdamW
-        kw.update(betas=cfg.betas, eps=cfg.eps)
-    elif cfg.name == "adagrad":
-        cls = torch.optim.Adagrad
-        kw.update(eps=cfg.eps)
-    else:
-        cls = torch.optim.SGD
-        kw.update(momentum=cfg.momentum)
-    try:
-        return cls(groups, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return cls(groups, **kw)
+    if cfg.name in ("adam", "adamw"):
+        return Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, decoupled=cfg.name == "adamw")
+    if cfg.name == "adagrad":
+        return Adagrad(groups, lr=cfg.lr, eps=cfg.eps)
+    return SGD(groups, lr=cfg.lr, momentum=cfg.momentum)

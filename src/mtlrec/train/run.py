@@ -25,9 +25,8 @@ from typing import Any
 import yaml
 
 from mtlrec.config import ExperimentConfig
-from mtlrec.data.dataset import ColumnarDataset
 from mtlrec.data.preprocess import Preprocessor
-from mtlrec.data.sources import load_splits
+from mtlrec.data.sources import load_datasets
 from mtlrec.errors import CheckpointError, ConfigError
 from mtlrec.models.base import MultiTaskModel
 from mtlrec.models.build import build_model
@@ -92,25 +91,6 @@ def _check_same_run(out: Path, cfg: ExperimentConfig) -> None:
         )
 
 
-def prepare_data(
-    cfg: ExperimentConfig, pre: Preprocessor | None = None
-) -> tuple[Preprocessor, dict[str, ColumnarDataset | None], dict[str, str]]:
-    """Read, split, fit encoders on the training split (unless given), encode every split."""
-    splits, schema = load_splits(cfg)
-    if pre is None:
-        pre = Preprocessor.fit(schema, splits.train, file=splits.names["train"])
-    data: dict[str, ColumnarDataset | None] = {
-        "train": pre.encode(splits.train, file=splits.names["train"], targets=True),
-        "valid": None
-        if splits.valid is None
-        else pre.encode(splits.valid, file=splits.names["valid"], targets=True),
-        "test": None
-        if splits.test is None
-        else pre.encode(splits.test, file=splits.names.get("test", "test"), targets=True),
-    }
-    return pre, data, splits.names
-
-
 def train_run(
     cfg: ExperimentConfig,
     *,
@@ -143,7 +123,8 @@ def train_run(
         pre_saved = Preprocessor.from_json(
             schema_saved, (out / "encoders.json").read_text(), source=str(out / "encoders.json")
         )
-    pre, data, _ = prepare_data(cfg, pre_saved)
+    data = load_datasets(cfg, pre_saved)
+    pre = data.preprocessor
     schema = pre.schema
     model_name = cfg.model.name
     params = MODELS.parse_params(model_name, cfg.model.params)
@@ -178,12 +159,13 @@ def train_run(
         callbacks=[JsonlLogger(out / "metrics.jsonl"), *(callbacks or [])],
         progress_label=progress_label,
     )
-    train, valid, test = data["train"], data["valid"], data["test"]
-    assert train is not None
+    train, valid, test = data.train, data.valid, data.test
     fit = trainer.fit(train, valid, resume=resume)
     valid_metrics = trainer.evaluate(valid) if valid is not None else None
     test_metrics = trainer.evaluate(test) if test is not None else None
-    unknown = {k: v.unknown_counts for k, v in data.items() if v is not None}
+    unknown = {
+        k: ds.unknown_counts for k in ("train", "valid", "test") if (ds := data.get(k)) is not None
+    }
     seconds = time.perf_counter() - t0
     write_text(
         out / "summary.json",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,10 +12,13 @@ from torch import Tensor
 
 from mtlrec.autograd import BackwardResult, multitask_backward
 from mtlrec.batch import Batch
+from mtlrec.data.dataset import ColumnarDataset
 from mtlrec.errors import TrainingError
 from mtlrec.losses import MultiTaskLoss
 from mtlrec.metrics import MetricSet
 from mtlrec.models.base import MultiTaskModel
+from mtlrec.schema import TaskSpec
+from mtlrec.train.optimizers import Optimizer
 from mtlrec.weighting.base import Weighting
 
 
@@ -23,7 +27,7 @@ class StepContext:
     model: MultiTaskModel
     loss_fn: MultiTaskLoss
     strategy: Weighting
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     grad_clip: float | None = None
 
 
@@ -52,40 +56,88 @@ def train_step(ctx: StepContext, batch: Batch, *, where: str = "") -> BackwardRe
             + "); check the inputs and labels of this batch, or lower the learning rate"
         )
     aux = sum(output.aux_losses.values()) if output.aux_losses else None
-    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.optimizer.zero_grad(set_to_none=False)
     shared = ctx.model.shared_parameters() if ctx.strategy.needs_grads else ()
     result = multitask_backward(losses, ctx.strategy, shared_parameters=shared, aux_loss=aux)  # type: ignore[arg-type]
     if ctx.grad_clip is not None:
-        try:
-            torch.nn.utils.clip_grad_norm_(
-                ctx.model.parameters(), ctx.grad_clip, error_if_nonfinite=True
-            )
-        except RuntimeError:
-            raise TrainingError(f"non-finite gradient norm {where}") from None
+        norm = clip_grad_norm(ctx.model.parameters(), ctx.grad_clip)
+        if not math.isfinite(norm):
+            raise TrainingError(f"non-finite gradient norm {where}")
     ctx.optimizer.step()
     ctx.strategy.on_step_end(result.losses)
     return result
 
 
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale all gradients (dense and sparse) so that their global L2 norm is at most
+    ``max_norm``; returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = [(g.coalesce().values() if g.is_sparse else g).pow(2).sum() for g in grads]
+    norm = float(torch.stack(sq).sum().sqrt())
+    if math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+def _blocks(batch: Batch, rows: int) -> Iterable[tuple[int, Batch]]:
+    n = len(batch)
+    if n <= rows:
+        yield 0, batch
+        return
+    for lo in range(0, n, rows):
+        yield lo, batch.slice(lo, lo + rows)
+
+
 @torch.inference_mode()
-def score(model: MultiTaskModel, batches: Iterable[Batch], tasks) -> dict[str, Tensor]:
-    """Predictions (probabilities / values) of every row, task -> ``[N]`` or ``[N, C]``."""
+def score(
+    model: MultiTaskModel,
+    data: ColumnarDataset,
+    tasks: Sequence[TaskSpec],
+    batch_size: int,
+    block_rows: int = 2048,
+) -> dict[str, Tensor]:
+    """Predictions (probabilities / values) of every row, task -> ``[N]`` or ``[N, C]``.
+
+    Data batches of ``batch_size`` rows are scored in blocks of at most ``block_rows`` rows:
+    the same result, and the activations are the size of a training step's, so scoring after
+    training reuses the memory training already holds instead of adding its own. Results are
+    written into tensors allocated once (many small allocations between large buffers would
+    fragment the heap).
+    """
     model.eval()
-    chunks: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
-    for b in batches:
-        preds = model(b.features).predictions(tasks)
-        for k, v in preds.items():
-            chunks[k].append(v)
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in chunks.items()}
+    n = len(data)
+    out = {
+        t.name: torch.empty((n, t.output_dim) if t.kind == "multiclass" else (n,)) for t in tasks
+    }
+    start = 0
+    for b in data.batches(batch_size):
+        for lo, block in _blocks(b, block_rows):
+            preds = model(block.features).predictions(tasks)
+            a, z = start + lo, start + lo + len(block)
+            for k, v in preds.items():
+                out[k][a:z] = v
+        start += len(b)
+    return out
 
 
 @torch.inference_mode()
 def evaluate(
-    model: MultiTaskModel, batches: Iterable[Batch], metrics: MetricSet, tasks
+    model: MultiTaskModel,
+    batches: Iterable[Batch],
+    metrics: MetricSet,
+    tasks: Sequence[TaskSpec],
+    block_rows: int = 2048,
 ) -> dict[str, dict[str, float]]:
-    """Per-task metrics over the given batches (state reset first)."""
+    """Per-task metrics over the given batches (state reset first; blocks as in
+    :func:`score`)."""
     model.eval()
     metrics.reset()
     for b in batches:
-        metrics.update(model(b.features).predictions(tasks), b)
+        for _, block in _blocks(b, block_rows):
+            metrics.update(model(block.features).predictions(tasks), block)
     return metrics.compute()

@@ -31,12 +31,13 @@ from mtlrec.errors import CheckpointError, ConfigError
 from mtlrec.losses import MultiTaskLoss
 from mtlrec.metrics import MetricSet
 from mtlrec.models.base import MultiTaskModel
+from mtlrec.nn.embedding import EmbeddingCollection
 from mtlrec.schema import Schema
 from mtlrec.train.callbacks import Callback, EarlyStopping, ProgressBar, improved
 from mtlrec.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from mtlrec.train.optim import build_optimizer
 from mtlrec.train.step import StepContext, evaluate, score, train_step
-from mtlrec.utils.runtime import configure_runtime
+from mtlrec.utils.runtime import configure_runtime, release_memory
 from mtlrec.weighting.base import Weighting
 from mtlrec.weighting.build import build_weighting
 
@@ -137,6 +138,9 @@ class Trainer:
                 f"trains {[t.name for t in loss_tasks]}"
             )
         self.loss_fn = MultiTaskLoss(loss_tasks, count_reducer)
+        for m in model.modules():
+            if isinstance(m, EmbeddingCollection):
+                m.sparse_grad = self.config.optimizer.sparse_embeddings
         self.optimizer = build_optimizer(model, self.strategy, self.config.optimizer)
         self.metrics = MetricSet(schema)
         if monitor is None:
@@ -208,13 +212,16 @@ class Trainer:
 
             self.callbacks.append(Checkpointer(ckpt_dir, cfg.checkpoint_every_steps))
         tasks = self.strategy.task_names
+        release_memory()
         for cb in self.callbacks:
             cb.on_fit_start(self, state)
         while state.epoch < cfg.epochs and not state.should_stop:
             self._run_epoch(train, valid, state, tasks)
         for cb in self.callbacks:
             cb.on_fit_end(self, state)
+        self.optimizer.zero_grad(set_to_none=True)
         self._load_best(ckpt_dir)
+        release_memory()
         return FitResult(
             state.best_epoch,
             state.best_value,
@@ -312,12 +319,24 @@ class Trainer:
         """Per-task metrics on a labelled data set (each task over its own mask)."""
         if not data.has_targets:
             raise ConfigError(f"{data.source}: no label columns to evaluate against")
+        release_memory()
         return evaluate(
-            self.model, data.batches(self.config.eval_batch_size), self.metrics, self.schema.tasks
+            self.model,
+            data.batches(self.config.eval_batch_size),
+            self.metrics,
+            self.schema.tasks,
+            self.config.inference_block_rows,
         )
 
     def predict(self, data: ColumnarDataset) -> dict[str, np.ndarray]:
         """Predictions of every row: probabilities (binary), values (regression) or class
         probabilities (multiclass)."""
-        preds = score(self.model, data.batches(self.config.eval_batch_size), self.schema.tasks)
+        release_memory()
+        preds = score(
+            self.model,
+            data,
+            self.schema.tasks,
+            self.config.eval_batch_size,
+            self.config.inference_block_rows,
+        )
         return {k: v.numpy() for k, v in preds.items()}

@@ -32,7 +32,10 @@ def tune_allocator() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    import os
+
+    mmap_t = int(os.environ.get("MTLREC_MMAP_THRESHOLD", 1 << 30))
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_t)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     _done = ok
     return ok
 
@@ -43,3 +46,26 @@ def configure_runtime(num_threads: int | None = None, allocator: bool = True) ->
         torch.set_num_threads(num_threads)
     if allocator:
         tune_allocator()
+
+
+def release_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``) and pyarrow's pool.
+
+    Called between phases (after loading data, after training, before scoring), never in a
+    hot loop: RSS then reflects live data only, and the next phase's buffers are reused.
+    """
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except ImportError:
+        pass
