@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mtlrec.errors import MtlrecError
+from mtlrec.errors import ConfigError, MtlrecError
 
 app = typer.Typer(
     add_completion=False,
@@ -153,6 +153,9 @@ def predict(
     keep: Annotated[
         str, typer.Option(help="input columns to copy to the output, comma-separated")
     ] = "",
+    prefix: Annotated[
+        str, typer.Option(help="prefix of the prediction columns (e.g. 'pred_')")
+    ] = "",
 ) -> None:
     """Score a file: one column per task (probability, value, or one per class)."""
     import numpy as np
@@ -165,6 +168,16 @@ def predict(
     file_format(output)  # fail early on an unknown output format
     loaded = load_run(run)
     kept = [c for c in keep.split(",") if c]
+    pred_cols = [
+        f"{prefix}{t.name}_p{k}" if t.kind == "multiclass" else f"{prefix}{t.name}"
+        for t in loaded.schema.tasks
+        for k in range(t.output_dim)
+    ]
+    if clash := sorted(set(kept) & set(pred_cols)):
+        raise ConfigError(
+            f"--keep {','.join(clash)}: the predictions are written under the same name; "
+            "pass --prefix (e.g. --prefix pred_) to keep both"
+        )
     ds = encode_file(
         loaded.preprocessor, input, targets=False, delimiter=loaded.config.data.delimiter
     )[0]
@@ -179,9 +192,9 @@ def predict(
         p = preds[task.name]
         if p.ndim == 2:
             for k in range(p.shape[1]):
-                cols[f"{task.name}_p{k}"] = pa.array(p[:, k].astype(np.float64))
+                cols[f"{prefix}{task.name}_p{k}"] = pa.array(p[:, k].astype(np.float64))
         else:
-            cols[task.name] = pa.array(p.astype(np.float64))
+            cols[f"{prefix}{task.name}"] = pa.array(p.astype(np.float64))
     write_table(pa.table(cols), output)
     out.print(f"wrote {len(ds)} rows to {output}")
     _report_unknown(ds.unknown_counts, str(input))
@@ -281,6 +294,23 @@ def synth_ctr(
 
     write_table(make_ctr_table(rows, seed=seed), output)
     out.print(f"wrote {rows} rows to {output}")
+
+
+def _load_command_modules() -> None:
+    """Commands of the optional parts live in ``mtlrec.commands.<name>`` modules, each with a
+    ``register(app)`` function (they import their heavy dependencies inside the commands, so
+    ``mtlrec --help`` stays fast)."""
+    import importlib
+    import pkgutil
+
+    from mtlrec import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"mtlrec.commands.{info.name}").register(app)
+
+
+_load_command_modules()
 
 
 def main() -> None:

@@ -146,6 +146,11 @@ class ExperimentConfig(BaseModel):
     version: int = CONFIG_VERSION
     data: DataConfig
     schema_: Schema | None = Field(default=None, alias="schema")
+    tasks: list[str] | None = Field(
+        default=None,
+        description="train only these tasks of the schema (e.g. a single-task baseline)",
+        min_length=1,
+    )
     model: ModelConfig
     balancing: BalancingConfig = BalancingConfig()
     training: TrainingConfig = TrainingConfig()

@@ -38,17 +38,22 @@ DEMO_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def demo_config(model: str, seed: int = 0, epochs: int | None = None) -> ExperimentConfig:
-    """The demo's experiment config for one model."""
+def demo_config(
+    model: str, seed: int = 0, epochs: int | None = None, tasks: tuple[str, ...] | None = None
+) -> ExperimentConfig:
+    """The demo's experiment config for one model (``tasks``: a subset, for single-task
+    baselines)."""
     training = {**DEMO_TRAINING, "seed": seed}
     if epochs is not None:
         training["epochs"] = epochs
+    suffix = "" if tasks is None else "-" + "-".join(tasks)
     return ExperimentConfig.from_dict(
         {
             "data": {"dataset": "census-income", "options": {"task_group": 1}},
+            "tasks": None if tasks is None else list(tasks),
             "model": {"name": model, "params": DEMO_MODELS[model]},
             "training": training,
-            "output_dir": f"runs/census-{model}",
+            "output_dir": f"runs/census-{model}{suffix}",
         }
     )
 
@@ -108,7 +113,9 @@ def run_demo(
         )
         for seed in range(seeds):
             for tasks in groups:
-                cfg = demo_config(model_name, seed, epochs)
+                cfg = demo_config(
+                    model_name, seed, epochs, tasks if model_name == "single_task" else None
+                )
                 sub = schema.select_tasks(tasks)
                 model = build_model(model_name, sub, pre.table_sizes(), cfg.model.params)
                 tcfg = cfg.training.model_copy(update={"progress": progress})

@@ -106,7 +106,11 @@ class MultiTaskLoss(nn.Module):
     def forward(self, output: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         for t in self.tasks:
-            y, m, w = batch.labels[t.name], batch.masks[t.name], batch.weights[t.name]
+            m = batch.masks[t.name]
+            # labels and weights outside the mask may be anything (NaN, out of range): replace
+            # them before the loss, or 0 * NaN would reach the gradient
+            y = torch.where(m, batch.labels[t.name], 0.0)
+            w = torch.where(m, batch.weights[t.name], 0.0)
             row = per_row_loss(t, output, y)  # [B]
             total = torch.where(m, row * w, torch.zeros_like(row)).sum()
             count = m.sum().to(row.dtype)

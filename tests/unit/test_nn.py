@@ -97,6 +97,38 @@ def test_parallel_mlp_gradients_equal_loop(shared_input: bool) -> None:
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dims", [(6, 4), (6, 4, 3)])
+def test_parallel_mlp_per_task_jacobian_equals_loop(dims: tuple[int, ...]) -> None:
+    """The fused relu + second layer also differentiates under ``is_grads_batched`` (the
+    per-task gradients of gradient-based balancing strategies)."""
+    torch.manual_seed(2)
+    num, in_dim = 3, 5
+    pm = ParallelMLP(num, in_dim, dims)
+    x = torch.randn(7, in_dim, requires_grad=True)
+
+    def task_losses(out: Tensor) -> Tensor:
+        return torch.stack([out[0].pow(2).mean(), (out[1:] * 0.3).sum(), out.sin().sum()])
+
+    eye = torch.eye(3)
+    params = [x, *pm.parameters()]
+    jac = torch.autograd.grad(task_losses(pm(x)), params, eye, is_grads_batched=True)
+    ref = torch.autograd.grad(
+        task_losses(loop_reference(pm, x)), params, eye, is_grads_batched=True
+    )
+    for a, r in zip(jac, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_parallel_mlp_fused_backward_gradcheck() -> None:
+    torch.manual_seed(3)
+    pm = ParallelMLP(3, 4, (5, 2)).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    # away from the relu kink, where finite differences are not defined
+    with torch.no_grad():
+        pm.biases[0].add_(torch.sign(pm.biases[0]) * 0.5)
+    assert torch.autograd.gradcheck(lambda x, *p: pm(x), (x, *pm.parameters()))
+
+
 @pytest.mark.parametrize("activation", sorted(REF_ACT))
 @pytest.mark.parametrize("shared_input", [True, False])
 def test_parallel_mlp_activations(activation: str, shared_input: bool) -> None:

@@ -20,6 +20,7 @@ from mtlrec.data.split import hash_split
 from mtlrec.data.stream import encode_file, fit_file
 from mtlrec.errors import ConfigError
 from mtlrec.schema import Schema
+from mtlrec.utils.runtime import mmap_large_blocks
 
 DEFAULT_SPLIT = SplitConfig(fractions=(0.8, 0.1, 0.1))
 SPLITS = ("train", "valid", "test")
@@ -76,18 +77,31 @@ def split_table(table: pa.Table, split: SplitConfig) -> tuple[pa.Table, ...]:
     return tuple(table.take(pa.array(p)) for p in parts)
 
 
+def _select(schema: Schema, cfg: ExperimentConfig) -> Schema:
+    if cfg.tasks is None:
+        return schema
+    unknown = [t for t in cfg.tasks if t not in schema.task_names]
+    if unknown:
+        raise ConfigError(
+            f"tasks: {unknown} are not in the schema (tasks: {list(schema.task_names)})"
+        )
+    return schema.select_tasks(cfg.tasks)
+
+
 def config_schema(cfg: ExperimentConfig) -> Schema:
-    """The schema of an experiment: the config's, or its built-in data set's default."""
+    """The schema of an experiment: the config's, or its built-in data set's default, reduced
+    to ``cfg.tasks`` if given."""
     if cfg.schema_ is not None:
-        return cfg.schema_
+        return _select(cfg.schema_, cfg)
     d = cfg.data
     if d.dataset is None:
         raise ConfigError("the config needs a schema section when data comes from files")
     if d.dataset not in BUILTIN:
         raise ConfigError(f"unknown data set {d.dataset!r}; built-in: {sorted(BUILTIN)}")
-    return BUILTIN[d.dataset].load(d.options)[1]
+    return _select(BUILTIN[d.dataset].load(d.options)[1], cfg)
 
 
+@mmap_large_blocks()
 def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Datasets:
     """Read, split and encode the configured data.
 
@@ -102,7 +116,7 @@ def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Dat
             raise ConfigError(f"unknown data set {d.dataset!r}; built-in: {sorted(BUILTIN)}")
         b = BUILTIN[d.dataset]
         table, default_schema = b.load(d.options)
-        schema = cfg.schema_ or default_schema
+        schema = _select(cfg.schema_ or default_schema, cfg)
         parts = split_table(table, d.split or b.split)
         names = {k: f"{d.dataset}[{k}]" for k in SPLITS}
         if pre is None:

@@ -24,6 +24,7 @@ from mtlrec.data.preprocess import Preprocessor, PreprocessorFitter
 from mtlrec.data.split import hash_part
 from mtlrec.errors import DataError
 from mtlrec.schema import Schema
+from mtlrec.utils.runtime import mmap_large_blocks, release_memory
 
 BATCH_ROWS = 65_536
 
@@ -108,6 +109,7 @@ def _csv_names(path: Path, sep: str) -> list[str]:
     return list(reader.schema.names)
 
 
+@mmap_large_blocks()
 def fit_file(
     schema: Schema,
     path: str | os.PathLike[str],
@@ -130,9 +132,12 @@ def fit_file(
         offset += table.num_rows
     if offset == 0:
         raise DataError("file has a header but no data rows", file=str(path))
-    return fitter.finish()
+    pre = fitter.finish()
+    release_memory()  # the read batches' heap pages go back before the data is encoded
+    return pre
 
 
+@mmap_large_blocks()
 def encode_file(
     pre: Preprocessor,
     path: str | os.PathLike[str],
@@ -169,11 +174,9 @@ def encode_file(
         offset += table.num_rows
     if offset == 0:
         raise DataError("file has a header but no data rows", file=str(path))
-    out = []
-    for part in chunks:
-        out.append(ColumnarDataset.concat(part))
-        part.clear()  # let the chunks go as soon as they are joined
-    return out
+    release_memory()
+    # join column by column, letting each chunk column go once joined
+    return [ColumnarDataset.concat(part, consume=True) for part in chunks]
 
 
 def _has_column(path: str | os.PathLike[str], column: str | None, delimiter: str | None) -> bool:

@@ -29,6 +29,66 @@ _ACTIVATIONS = {
 _INPLACE = {"relu": torch.relu_}
 
 
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (as in ``autograd.grad(is_grads_batched=True)``)."""
+    ft = torch._C._functorch
+    return bool(ft.is_legacy_batchedtensor(t) or ft.is_batchedtensor(t))
+
+
+class _ReluThenMemberLinear(torch.autograd.Function):
+    """``relu(h)`` viewed per member, then each member's second layer, with a backward that
+    writes the input gradient straight into ``h``'s ``[B, n * d]`` layout.
+
+    Autograd's own chain (relu, view, transpose, baddbmm) gets the input gradient as
+    ``[n, B, d]`` from the batched matmul, copies it into ``[B, n * d]`` for the view and
+    allocates one more buffer for the relu's backward: two extra passes over the widest
+    activation of the network. Here the batched matmul writes into a strided view of one buffer
+    and the relu mask is applied in place. ``h`` (the fused first layer's pre-activation, used
+    by nothing else) is activated in place.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor, num: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        bsz = h.shape[0]
+        h.relu_()
+        ctx.mark_dirty(h)
+        ctx.set_materialize_grads(False)
+        x = h.view(bsz, num, -1).transpose(0, 1)  # [n, B, d], strided
+        ctx.save_for_backward(h, w)
+        ctx.num = num
+        return torch.baddbmm(b, x, w), h
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, grad_h: Tensor | None):  # type: ignore[override]
+        h, w = ctx.saved_tensors
+        num = ctx.num
+        bsz = h.shape[0]
+        x = h.view(bsz, num, -1).transpose(0, 1)
+        grad_in = grad_w = grad_b = None
+        if grad_out is not None:
+            if ctx.needs_input_grad[0] and _is_batched(grad_out):
+                # per-task gradients (``is_grads_batched``): vmap-friendly ops only
+                grad_in = torch.bmm(grad_out, w.transpose(1, 2)).transpose(0, 1).reshape(h.shape)
+                if grad_h is not None:
+                    grad_in = grad_in + grad_h
+                grad_in = torch.ops.aten.threshold_backward(grad_in, h, 0)
+            elif ctx.needs_input_grad[0]:
+                grad_in = torch.empty_like(h)
+                torch.bmm(
+                    grad_out, w.transpose(1, 2), out=grad_in.view(bsz, num, -1).transpose(0, 1)
+                )
+                if grad_h is not None:
+                    grad_in.add_(grad_h)
+                torch.ops.aten.threshold_backward.grad_input(grad_in, h, 0, grad_input=grad_in)
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.bmm(x.transpose(1, 2), grad_out)
+            if ctx.needs_input_grad[2]:
+                grad_b = grad_out.sum(1, keepdim=True)
+        elif grad_h is not None and ctx.needs_input_grad[0]:
+            grad_in = torch.ops.aten.threshold_backward(grad_h, h, 0)
+        return grad_in, grad_w, grad_b, None
+
+
 def activation_fn(name: str):
     try:
         return _ACTIVATIONS[name]
@@ -172,10 +232,23 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n_layers = len(self.weights)
+        fuse = (
+            self.shared_input
+            and n_layers > 1
+            and self.activation == "relu"
+            and not self.layer_norm
+            and self.dropout == 0
+            and torch.is_grad_enabled()
+        )
         for i in range(n_layers):
             w, b = self.weights[i], self.biases[i]
             last = i == n_layers - 1
-            if i == 0 and self.shared_input:
+            if fuse and i == 0:
+                x = torch.addmm(b, x, w)  # [B, num * d], activated by the next layer
+            elif fuse and i == 1:
+                x = _ReluThenMemberLinear.apply(x, w, b, self.num)[0]
+                x = self._activate(x, last)
+            elif i == 0 and self.shared_input:
                 bsz = x.shape[0]
                 # one GEMM for all members; activate the contiguous result, then view it per
                 # member (an in-place op on the transposed view would cost copies in backward)

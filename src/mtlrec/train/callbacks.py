@@ -95,6 +95,14 @@ class JsonlLogger(Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        """Rewrite the log from the (resumed) state's history: an epoch logged after the last
+        checkpoint was saved is dropped, because training repeats it."""
+        from mtlrec.utils.atomic import write_text
+
+        lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in state.history)
+        write_text(self.path, lines)
+
     def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
         import os
 

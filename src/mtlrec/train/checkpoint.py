@@ -112,7 +112,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         meta = json.loads(raw_meta["mtlrec"])
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint {p} has corrupt metadata") from None
-    if meta.get("version") != CHECKPOINT_VERSION:
+    if str(meta.get("version")) != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"checkpoint {p} has format version {meta.get('version')!r}; this mtlrec reads "
             f"version {CHECKPOINT_VERSION}"

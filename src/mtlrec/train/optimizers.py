@@ -56,6 +56,21 @@ class Optimizer(ABC):
                 elif p.grad is not None:
                     p.grad.zero_()
 
+    def materialize(self) -> None:
+        """Allocate every parameter's state (and a zero gradient) now, before training starts.
+
+        Allocated lazily, they would land between the first step's temporary buffers and
+        fragment the heap for the rest of the run.
+        """
+        for g in self.param_groups:
+            for p in g["params"]:
+                self._init(p)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    def _init(self, p: nn.Parameter) -> dict[str, Tensor]:
+        return self.state.setdefault(p, {})
+
     @torch.no_grad()
     def step(self) -> None:
         for g in self.param_groups:
@@ -298,12 +313,13 @@ class SGD(Optimizer):
             if wd:
                 g = g.add(p, alpha=wd)
             if mom:
-                st = self.state.get(p)
-                if st is None:
-                    st = self.state[p] = {"momentum_buffer": g.detach().clone()}
+                st = self._init(p)
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    buf = st["momentum_buffer"] = g.detach().clone()
                 else:
-                    st["momentum_buffer"].mul_(mom).add_(g)
-                g = st["momentum_buffer"]
+                    buf.mul_(mom).add_(g)
+                g = buf
             p.add_(g, alpha=-lr)
 
     def _sparse_update(self, group: dict[str, Any], p: nn.Parameter) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mtlrec.config import ExperimentConfig
@@ -36,6 +37,7 @@ from mtlrec.train.callbacks import Callback, JsonlLogger
 from mtlrec.train.checkpoint import load_checkpoint, restore_model
 from mtlrec.train.trainer import FitResult, Trainer
 from mtlrec.utils.atomic import write_text
+from mtlrec.utils.runtime import configure_runtime
 from mtlrec.weighting.build import build_weighting
 
 RUN_FORMAT = 1
@@ -117,6 +119,8 @@ def train_run(
     if existing:
         _check_same_run(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
+    # threads and allocator as the Trainer sets them, before the data is read and encoded
+    configure_runtime(cfg.training.num_threads, cfg.training.tune_allocator)
     pre_saved = None
     if existing and (out / "encoders.json").is_file():
         schema_saved = Schema.from_json((out / "schema.json").read_text())
@@ -128,6 +132,8 @@ def train_run(
     schema = pre.schema
     model_name = cfg.model.name
     params = MODELS.parse_params(model_name, cfg.model.params)
+    # training.seed fixes the initial weights too, so the same command gives the same model
+    torch.manual_seed(cfg.training.seed)
     model = build_model(model_name, schema, pre.table_sizes(), params)
     strategy = build_weighting(cfg.balancing.name, model.loss_task_names, cfg.balancing.params())
     if not existing:
@@ -200,14 +206,28 @@ def load_run(path: str | Path, *, checkpoint: str = "best") -> LoadedRun:
         model_info = json.loads((p / "model.json").read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: corrupt run files ({e})") from None
+    if not isinstance(model_info, dict):
+        raise CheckpointError(f"{p / 'model.json'}: expected a JSON object")
     if model_info.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{p}: run format {model_info.get('format')!r} is not {RUN_FORMAT}")
+        raise CheckpointError(
+            f"{p / 'model.json'}: run format {model_info.get('format')!r} is not {RUN_FORMAT}"
+        )
+    name, params = model_info.get("name"), model_info.get("params", {})
+    if not isinstance(name, str) or name not in MODELS.names():
+        raise CheckpointError(
+            f"{p / 'model.json'}: 'name' must be a registered model, got {name!r}"
+        )
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{p / 'model.json'}: 'params' must be an object, got {params!r}")
     cfg = ExperimentConfig.from_dict(cfg_data, source=str(p / "config.yaml"))
     schema = Schema.from_json((p / "schema.json").read_text())
     pre = Preprocessor.from_json(
         schema, (p / "encoders.json").read_text(), source=str(p / "encoders.json")
     )
-    model = build_model(model_info["name"], schema, pre.table_sizes(), model_info["params"])
+    try:
+        model = build_model(name, schema, pre.table_sizes(), params)
+    except ConfigError as e:
+        raise CheckpointError(f"{p / 'model.json'}: {e}") from None
     ckpt_path = p / "checkpoints" / f"{checkpoint}.safetensors"
     if not ckpt_path.is_file() and checkpoint == "best":
         ckpt_path = p / "checkpoints" / "last.safetensors"
@@ -216,4 +236,4 @@ def load_run(path: str | Path, *, checkpoint: str = "best") -> LoadedRun:
         raise CheckpointError(f"{ckpt_path}: checkpoint was trained on another schema")
     restore_model(model, ckpt.model, source=str(ckpt_path))
     model.eval()
-    return LoadedRun(p, cfg, schema, pre, model, model_info["name"])
+    return LoadedRun(p, cfg, schema, pre, model, name)

@@ -56,7 +56,7 @@ def train_step(ctx: StepContext, batch: Batch, *, where: str = "") -> BackwardRe
             + "); check the inputs and labels of this batch, or lower the learning rate"
         )
     aux = sum(output.aux_losses.values()) if output.aux_losses else None
-    ctx.optimizer.zero_grad(set_to_none=False)
+    ctx.optimizer.zero_grad(set_to_none=True)
     shared = ctx.model.shared_parameters() if ctx.strategy.needs_grads else ()
     result = multitask_backward(losses, ctx.strategy, shared_parameters=shared, aux_loss=aux)  # type: ignore[arg-type]
     if ctx.grad_clip is not None:

@@ -33,7 +33,7 @@ from mtlrec.metrics import MetricSet
 from mtlrec.models.base import MultiTaskModel
 from mtlrec.nn.embedding import EmbeddingCollection
 from mtlrec.schema import Schema
-from mtlrec.train.callbacks import Callback, EarlyStopping, ProgressBar, improved
+from mtlrec.train.callbacks import Callback, Checkpointer, EarlyStopping, ProgressBar, improved
 from mtlrec.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from mtlrec.train.optim import build_optimizer
 from mtlrec.train.step import StepContext, evaluate, score, train_step
@@ -157,6 +157,7 @@ class Trainer:
             cbs.append(EarlyStopping(es.patience, es.min_delta))
         self.callbacks = cbs
         self._best_state: dict[str, Tensor] | None = None
+        self._active: list[Callback] = cbs
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, path: str | Path, state: TrainState) -> None:
@@ -176,13 +177,23 @@ class Trainer:
                     f"{path}: checkpoint {key} {ckpt.meta.get(key)!r} does not match this run's "
                     f"{self.meta[key]!r} (another schema or model; use a new output_dir)"
                 )
+        if "trainer" not in ckpt.meta or ckpt.optimizer is None:
+            raise CheckpointError(
+                f"{path}: not a training checkpoint (no trainer or optimizer state); it can be "
+                "scored but not resumed"
+            )
         restore_model(self.model, ckpt.model, source=str(path))
-        self.strategy.load_state_dict(ckpt.strategy)
-        if ckpt.optimizer is not None:
+        try:
+            self.strategy.load_state_dict(ckpt.strategy)
             self.optimizer.load_state_dict(ckpt.optimizer)
+            state = TrainState.from_dict(ckpt.meta["trainer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{path}: cannot resume from it ({str(e).splitlines()[0]})"
+            ) from None
         if ckpt.rng is not None:
             torch.set_rng_state(ckpt.rng)
-        return TrainState.from_dict(ckpt.meta["trainer"])
+        return state
 
     # -- loops -----------------------------------------------------------------------------
     def fit(
@@ -207,17 +218,21 @@ class Trainer:
             state = self._resume(last)
         else:
             torch.manual_seed(cfg.seed)
+        callbacks = list(self.callbacks)
         if ckpt_dir is not None:
-            from mtlrec.train.callbacks import Checkpointer
-
-            self.callbacks.append(Checkpointer(ckpt_dir, cfg.checkpoint_every_steps))
+            # checkpoints before the log: the log is rewritten from the checkpoint's history
+            # on resume, so it never holds an epoch the checkpoint does not know
+            callbacks.insert(0, Checkpointer(ckpt_dir, cfg.checkpoint_every_steps))
+        self._active = callbacks
         tasks = self.strategy.task_names
+        if not self.config.optimizer.sparse_embeddings:
+            self.optimizer.materialize()
         release_memory()
-        for cb in self.callbacks:
+        for cb in callbacks:
             cb.on_fit_start(self, state)
         while state.epoch < cfg.epochs and not state.should_stop:
             self._run_epoch(train, valid, state, tasks)
-        for cb in self.callbacks:
+        for cb in callbacks:
             cb.on_fit_end(self, state)
         self.optimizer.zero_grad(set_to_none=True)
         self._load_best(ckpt_dir)
@@ -241,7 +256,7 @@ class Trainer:
         cfg = self.config
         ctx = StepContext(self.model, self.loss_fn, self.strategy, self.optimizer, cfg.grad_clip)
         nb = train.num_batches(cfg.batch_size)
-        for cb in self.callbacks:
+        for cb in self._active:
             cb.on_epoch_start(self, state, nb)
         acc = torch.tensor(state.loss_sums or [0.0] * len(tasks), dtype=torch.float64)
         t0 = time.perf_counter()
@@ -260,9 +275,9 @@ class Trainer:
             state.batch_in_epoch += 1
             state.step += 1
             state.loss_batches += 1
-            if self.callbacks:
+            if self._active:
                 state.loss_sums = acc.tolist()
-                for cb in self.callbacks:
+                for cb in self._active:
                     cb.on_step_end(self, state)
         elapsed = time.perf_counter() - t0
         state.train_seconds += elapsed
@@ -303,7 +318,7 @@ class Trainer:
         state.batch_in_epoch = 0
         state.loss_sums = []
         state.loss_batches = 0
-        for cb in self.callbacks:
+        for cb in self._active:
             cb.on_epoch_end(self, state, record)
 
     def _load_best(self, ckpt_dir: Path | None) -> None:

@@ -1,0 +1,33 @@
+"""The example configs load, and the census ones are the demo's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtlrec.config import ExperimentConfig
+from mtlrec.demo import DEMO_MODELS, demo_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.name)
+def test_example_config_validates(path: Path) -> None:
+    cfg = ExperimentConfig.load(path)
+    assert cfg.model.name
+
+
+CENSUS = [(m, None) for m in sorted(DEMO_MODELS) if m != "single_task"] + [
+    ("single_task", ("income",)),
+    ("single_task", ("never_married",)),
+]
+
+
+@pytest.mark.parametrize(("model", "tasks"), CENSUS)
+def test_census_example_equals_demo(model: str, tasks: tuple[str, ...] | None) -> None:
+    name = model + ("_" + "_".join(tasks) if tasks else "")
+    cfg = ExperimentConfig.load(EXAMPLES / "census" / f"{name}.yaml")
+    demo = demo_config(model, tasks=tasks)
+    keep = {"data", "model", "training", "tasks", "output_dir"}
+    assert cfg.model_dump(include=keep) == demo.model_dump(include=keep)
