@@ -52,6 +52,30 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "shared_bottom": ("shared_bottom", {"bottom_hidden": [256, 128], "tower_hidden": [64]}),
     "omoe": ("omoe", {"num_experts": 8, "expert_hidden": [256, 128], "tower_hidden": [64]}),
     "single_task": ("single_task", {"bottom_hidden": [256, 128], "tower_hidden": [64]}),
+    "ple": (
+        "ple",
+        {
+            "num_levels": 2,
+            "experts_per_task": 2,
+            "shared_experts": 2,
+            "expert_hidden": [256, 128],
+            "tower_hidden": [64],
+        },
+    ),
+    # non-gated architectures (docs/architectures.md), bottoms of the same [256, 128] widths
+    "soft_sharing": ("soft_sharing", {"bottom_hidden": [256, 128], "tower_hidden": [64]}),
+    "asymmetric_sharing": (
+        "asymmetric_sharing",
+        {"bottom_hidden": [256, 128], "tower_hidden": [64]},
+    ),
+    "customized_sharing": (
+        "customized_sharing",
+        {"shared_hidden": [256, 128], "specific_hidden": [256, 128], "tower_hidden": [64]},
+    ),
+    "cross_stitch": ("cross_stitch", {"bottom_hidden": [256, 128], "tower_hidden": [64]}),
+    "sluice": ("sluice", {"bottom_hidden": [128, 128], "tower_hidden": [64]}),
+    "stem": ("stem", {"expert_hidden": [256, 128], "tower_hidden": [64]}),
+    "aitm": ("aitm", {"tower_hidden": [256, 128], "head_hidden": [64]}),
 }
 
 

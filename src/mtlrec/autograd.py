@@ -69,6 +69,7 @@ def multitask_backward(
     *,
     shared_parameters: Sequence[nn.Parameter] = (),
     aux_loss: Tensor | None = None,
+    representation: dict[str, Tensor] | None = None,
 ) -> BackwardResult:
     """Backpropagate per-task losses through a balancing strategy.
 
@@ -78,6 +79,11 @@ def multitask_backward(
         shared_parameters: parameters used by several tasks (needed by gradient-based
             strategies only).
         aux_loss: scalar added to the objective as is (model regularisers).
+        representation: task -> the tensor its tower reads (``ModelOutput.tower_inputs``);
+            needed by strategies with ``grad_target = "representation"``, whose per-task
+            gradients are then taken of the distinct tensors among these (one batched
+            backward through the towers only), and whose combined gradient flows back to the
+            shared parameters in the same single backward as the objective.
 
     Returns:
         The objective, the loss vector and the weights used (all detached).
@@ -91,9 +97,16 @@ def multitask_backward(
         obj.backward()
         return BackwardResult(obj.detach(), vec.detach(), w.detach())
 
+    if strategy.grad_target == "representation":
+        return _representation_backward(vec, strategy, representation or {}, aux_loss)
     shared = [p for p in shared_parameters if p.requires_grad]
     if not shared:
-        raise ValueError(f"strategy {type(strategy).__name__} needs the shared parameters")
+        from mtlrec.errors import ConfigError
+
+        raise ConfigError(
+            f"balancing strategy {type(strategy).__name__} works on the gradients of parameters "
+            "shared by the tasks, and this model shares none; use a loss-based strategy"
+        )
     jac = task_jacobian(vec, shared)  # [T, P]
     w = strategy.weights(vec.detach(), jac)
     g = strategy.aggregate(jac, w)  # [P]
@@ -102,4 +115,49 @@ def multitask_backward(
         obj = obj + aux_loss
     obj.backward()  # task-specific parameters, plus w @ J (+ aux) on the shared ones
     _add_flat_grad(shared, g - w.detach() @ jac)  # shared: replace w @ J by g
+    return BackwardResult(obj.detach(), vec.detach(), w.detach())
+
+
+def shared_representation(strategy: Weighting, representation: dict[str, Tensor]) -> list[Tensor]:
+    """The distinct tensors the strategy's tasks' towers read (one for a shared-bottom model).
+
+    Raises:
+        ConfigError: no tower input, or every task reads its own (no representation is shared,
+            e.g. MMoE's per-task gate mixtures: use ``grad_target: parameters``).
+    """
+    from mtlrec.errors import ConfigError
+
+    missing = [t for t in strategy.task_names if t not in representation]
+    if missing:
+        raise ConfigError(
+            f"grad_target 'representation': the model gives no tower input for {missing}"
+        )
+    reps: dict[int, Tensor] = {}
+    for t in strategy.task_names:
+        reps.setdefault(id(representation[t]), representation[t])
+    if len(reps) == len(strategy.task_names) > 1:
+        raise ConfigError(
+            "grad_target 'representation': every task's tower reads its own input, so the "
+            "tasks share no representation; use grad_target: parameters with this model"
+        )
+    return list(reps.values())
+
+
+def _representation_backward(
+    vec: Tensor, strategy: Weighting, representation: dict[str, Tensor], aux_loss: Tensor | None
+) -> BackwardResult:
+    reps = shared_representation(strategy, representation)
+    jac = task_jacobian(vec, reps)  # [T, R], R = sum of the representations' sizes
+    w = strategy.weights(vec.detach(), jac)
+    g = strategy.aggregate(jac, w)  # [R]
+    obj = strategy.objective(vec, w)
+    if aux_loss is not None:
+        obj = obj + aux_loss
+    corr = g - w.detach() @ jac  # replace w @ J by g on the representation
+    pieces, offset = [], 0
+    for r in reps:
+        pieces.append(corr[offset : offset + r.numel()].view_as(r))
+        offset += r.numel()
+    # one backward from two roots: the objective and the correction on the representation
+    torch.autograd.backward([obj, *reps], [torch.ones_like(obj), *pieces])
     return BackwardResult(obj.detach(), vec.detach(), w.detach())

@@ -78,17 +78,38 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="start over in an existing run folder")] = False,
     resume: Annotated[bool, typer.Option(help="resume from the folder's last checkpoint")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="data-parallel processes on this machine (docs/scale.md)")
+    ] = 1,
 ) -> None:
     """Train a model from a YAML config; writes a run folder (checkpoints, metrics, summary)."""
     from mtlrec.config import ExperimentConfig
+    from mtlrec.train import distributed as ddp
     from mtlrec.train.run import train_run
 
     cfg = ExperimentConfig.load(config, set_ or [])
+    if nproc > 1:
+        if ddp.env_world_size() > 1:
+            raise ConfigError("--nproc inside a torchrun group: use one or the other")
+        args = ["train", str(config), *[a for s in set_ or [] for a in ("--set", s)]]
+        args += ["--output", str(output)] if output is not None else []
+        args += ["--overwrite" if overwrite else "--no-overwrite"]
+        args += ["--resume" if resume else "--no-resume"]
+        args += ["--progress" if progress else "--no-progress"]
+        raise typer.Exit(ddp.launch(args, nproc))
     if not progress:
         cfg = cfg.model_copy(
             update={"training": cfg.training.model_copy(update={"progress": False})}
         )
-    result = train_run(cfg, output_dir=output, resume=resume, overwrite=overwrite)
+    context = ddp.init_from_env()
+    try:
+        result = train_run(
+            cfg, output_dir=output, resume=resume, overwrite=overwrite, distributed=context
+        )
+    finally:
+        ddp.shutdown()
+    if context is not None and not context.is_main:
+        return
     fit = result.fit
     out.print(
         f"run: {result.path}  best epoch {fit.best_epoch} by valid {fit.monitor} = "
@@ -156,6 +177,10 @@ def predict(
     prefix: Annotated[
         str, typer.Option(help="prefix of the prediction columns (e.g. 'pred_')")
     ] = "",
+    fusion: Annotated[
+        Path | None,
+        typer.Option(help="fusion JSON (mtlrec fuse): adds a fused 'score' column"),
+    ] = None,
 ) -> None:
     """Score a file: one column per task (probability, value, or one per class)."""
     import numpy as np
@@ -173,6 +198,12 @@ def predict(
         for t in loaded.schema.tasks
         for k in range(t.output_dim)
     ]
+    fuser = None
+    if fusion is not None:
+        from mtlrec.fusion import load_fusion
+
+        fuser = load_fusion(fusion, [t.name for t in loaded.schema.tasks if t.kind != "multiclass"])
+        pred_cols.append(f"{prefix}score")
     if clash := sorted(set(kept) & set(pred_cols)):
         raise ConfigError(
             f"--keep {','.join(clash)}: the predictions are written under the same name; "
@@ -195,6 +226,9 @@ def predict(
                 cols[f"{prefix}{task.name}_p{k}"] = pa.array(p[:, k].astype(np.float64))
         else:
             cols[f"{prefix}{task.name}"] = pa.array(p.astype(np.float64))
+    if fuser is not None:  # one list per request when the data has the group column
+        groups = None if ds.groups is None else ds.groups.numpy()
+        cols[f"{prefix}score"] = pa.array(np.asarray(fuser(preds, groups), dtype=np.float64))
     write_table(pa.table(cols), output)
     out.print(f"wrote {len(ds)} rows to {output}")
     _report_unknown(ds.unknown_counts, str(input))
@@ -202,10 +236,14 @@ def predict(
 
 @app.command("list")
 def list_() -> None:
-    """The registered models and balancing strategies."""
-    from mtlrec.registry import MODELS, WEIGHTINGS
+    """The registered models, balancing strategies and fusions."""
+    from mtlrec.registry import FUSIONS, MODELS, WEIGHTINGS
 
-    for title, reg in (("models", MODELS), ("balancing strategies", WEIGHTINGS)):
+    for title, reg in (
+        ("models", MODELS),
+        ("balancing strategies", WEIGHTINGS),
+        ("fusions (mtlrec fuse)", FUSIONS),
+    ):
         table = Table(title=title)
         table.add_column("name")
         table.add_column("description")
@@ -319,3 +357,7 @@ def main() -> None:
         app()
     except SystemExit as e:  # click's usage errors already exit with 2
         sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,14 @@ class DataConfig(BaseModel):
         default=None, description="split `train` into train/valid/test (when valid is absent)"
     )
     delimiter: str | None = None
+    streaming: bool = Field(
+        default=False,
+        description="read and encode the training rows on the fly from a Parquet file larger "
+        "than memory (docs/scale.md); validation and test rows are held in memory",
+    )
+    shuffle_buffer: int = Field(
+        default=262_144, ge=1, description="rows shuffled together when streaming"
+    )
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
@@ -86,6 +94,11 @@ class OptimizerConfig(BaseModel):
     momentum: float = Field(default=0.0, ge=0, lt=1)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
+    task_lr: dict[str, float] = Field(
+        default_factory=dict,
+        description="task -> learning rate of that task's own parameters (tower, gate...) in "
+        "joint training, or of the task's whole optimiser under alternating training",
+    )
     sparse_embeddings: bool = Field(
         default=False,
         description="embedding tables get sparse gradients and lazy updates (only the rows a "
@@ -99,6 +112,9 @@ class OptimizerConfig(BaseModel):
             raise ValueError("embedding_weight_decay needs sparse_embeddings: false")
         if self.sparse_embeddings and self.name == "sgd" and self.momentum > 0:
             raise ValueError("sgd with momentum needs sparse_embeddings: false")
+        bad = {k: v for k, v in self.task_lr.items() if not v > 0}
+        if bad:
+            raise ValueError(f"task_lr values must be > 0, got {bad}")
         return self
 
 

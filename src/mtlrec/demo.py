@@ -75,7 +75,9 @@ class DemoResult:
 
     def gain(self, model: str, task: str) -> float:
         """Test AUC gain over the single-task baseline of the task (PLE paper's MTL gain)."""
-        return self.mean(model, task) - self.mean("single_task", task)
+        from mtlrec.analysis.compare import mtl_gain
+
+        return mtl_gain(self.mean(model, task), self.mean("single_task", task), "auc")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -99,3 +99,4 @@ class Registry(Generic[T]):
 
 MODELS: Registry[Any] = Registry("model", "mtlrec.models")
 WEIGHTINGS: Registry[Any] = Registry("balancing strategy", "mtlrec.weighting")
+FUSIONS: Registry[Any] = Registry("fusion", "mtlrec.fusion")

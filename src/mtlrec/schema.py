@@ -115,6 +115,11 @@ class TaskSpec(BaseModel):
         mask: optional column; the task only sees rows where it is true (non-zero). A missing
             mask means every row counts.
         weight: optional sample-weight column (non-negative multipliers on the per-row loss).
+        weight_expr: optional sample-weight expression over numeric columns (multiplies
+            ``weight``), e.g. ``where(click == 1, 1 + log1p(watch_time), 1)``; see
+            :mod:`mtlrec.data.expressions` for what it may contain.
+        negative_weight: binary tasks only: multiplier of the weight of negative rows (label 0),
+            e.g. 0.1 to down-weight negatives.
         num_classes: number of classes, multiclass only.
         loss: per-row loss; defaults to bce / mse / cross_entropy by kind.
         focal_gamma: focusing parameter of the focal loss (Lin et al., 2017).
@@ -129,6 +134,8 @@ class TaskSpec(BaseModel):
     label: str | None = None
     mask: str | None = None
     weight: str | None = None
+    weight_expr: str | None = None
+    negative_weight: float | None = Field(default=None, ge=0)
     num_classes: int | None = Field(default=None, ge=2)
     loss: LossName | None = None
     focal_gamma: float = Field(default=2.0, ge=0)
@@ -141,6 +148,12 @@ class TaskSpec(BaseModel):
             raise ValueError(f"task {self.name!r}: a multiclass task needs num_classes")
         if self.kind != "multiclass" and self.num_classes is not None:
             raise ValueError(f"task {self.name!r}: num_classes is for multiclass tasks only")
+        if self.negative_weight is not None and self.kind != "binary":
+            raise ValueError(f"task {self.name!r}: negative_weight is for binary tasks only")
+        if self.weight_expr is not None:
+            from mtlrec.data.expressions import parse_expression
+
+            parse_expression(self.weight_expr)
         if self.loss is not None and self.loss not in _ALLOWED_LOSS[self.kind]:
             raise ValueError(
                 f"task {self.name!r}: loss {self.loss!r} does not fit a {self.kind} task "
@@ -244,6 +257,10 @@ class Schema(BaseModel):
         for t in self.tasks:
             cols.append(t.label_column)
             cols.extend(c for c in (t.mask, t.weight) if c is not None)
+            if t.weight_expr is not None:
+                from mtlrec.data.expressions import parse_expression
+
+                cols.extend(parse_expression(t.weight_expr)[1])
         return list(dict.fromkeys(cols))
 
     def select_tasks(self, names: Sequence[str]) -> Schema:

@@ -66,3 +66,32 @@ def tiny_dataset(
     table = tiny_table(n, seed=seed, sequences=sequences)
     pre = Preprocessor.fit(schema, table)
     return pre, pre.encode(table)
+
+
+def tiny_funnel_schema(dim: int = 4) -> Schema:
+    """An impression -> click -> conversion funnel for ESMM-style models: ``ctr`` (label
+    ``click``), ``cvr`` (label ``buy``, clicked rows only) and ``ctcvr`` (label ``buy``), with
+    the features of :func:`tiny_schema` (including the ``hist`` sequence)."""
+    base = tiny_schema(dim=dim)
+    return Schema(
+        features=base.features,
+        tasks=(
+            TaskSpec(name="ctr", kind="binary", label="click"),
+            TaskSpec(name="cvr", kind="binary", label="buy", mask="click"),
+            TaskSpec(name="ctcvr", kind="binary", label="buy"),
+        ),
+    )
+
+
+def tiny_funnel_dataset(n: int = 200, *, seed: int = 0) -> tuple[Preprocessor, ColumnarDataset]:
+    """Fitted preprocessor and encoded rows of :func:`tiny_funnel_schema`; ``buy`` is 1 only
+    on clicked rows."""
+    table = tiny_table(n, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    click = table.column("click").to_numpy()
+    user = np.array([int(u[1:]) for u in table.column("user").to_pylist()])
+    buy = click * ((user % 2 == 0) | (rng.random(n) < 0.2)).astype(np.int64)
+    table = table.append_column("buy", pa.array(buy))
+    schema = tiny_funnel_schema()
+    pre = Preprocessor.fit(schema, table)
+    return pre, pre.encode(table)

@@ -111,6 +111,10 @@ def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Dat
             split.
     """
     d: DataConfig = cfg.data
+    if d.streaming:
+        from mtlrec.data.streaming import load_streaming
+
+        return load_streaming(cfg, pre)
     if d.dataset is not None:
         if d.dataset not in BUILTIN:
             raise ConfigError(f"unknown data set {d.dataset!r}; built-in: {sorted(BUILTIN)}")

@@ -63,11 +63,41 @@ def encode_label(table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str) -
     return np.where(mask, y, 0.0).astype(np.float32)
 
 
-def encode_weight(table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str) -> np.ndarray:
-    """Sample weights: the weight column's values (1 without one) inside the mask, 0 outside."""
-    if task.weight is None:
+def encode_weight(
+    table: pa.Table, task: TaskSpec, mask: np.ndarray, file: str, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """Sample weights inside the mask (0 outside): the weight column's values (1 without one),
+    times the weight expression's, times ``negative_weight`` on negative rows (binary ``labels``
+    given)."""
+    if task.weight is None and task.weight_expr is None and task.negative_weight is None:
         return mask.astype(np.float32)
-    w = to_float(table.column(task.weight), file=file, column=task.weight)
+    w = (
+        np.ones(table.num_rows)
+        if task.weight is None
+        else to_float(table.column(task.weight), file=file, column=task.weight)
+    )
+    if task.weight_expr is not None:
+        from mtlrec.data.expressions import evaluate_expression
+
+        e = evaluate_expression(task.weight_expr, table, file=file)
+        bad = mask & ~np.isfinite(e)
+        if bad.any():
+            raise DataError(
+                f"weight expression {task.weight_expr!r} of task {task.name!r} is not finite",
+                file=file,
+                row=first_row(bad),
+            )
+        bad = mask & (e < 0)
+        if bad.any():
+            raise DataError(
+                f"weight expression {task.weight_expr!r} of task {task.name!r} must be >= 0, "
+                f"found {float(e[bad][0])!r}",
+                file=file,
+                row=first_row(bad),
+            )
+        w = w * e
+    if task.negative_weight is not None and labels is not None:
+        w = np.where(labels == 0, w * task.negative_weight, w)
     bad = mask & ~np.isfinite(w)
     if bad.any():
         raise DataError(
@@ -99,5 +129,5 @@ def encode_targets(
         m = encode_mask(table, task, file)
         masks[:, j] = m
         labels[:, j] = encode_label(table, task, m, file)
-        weights[:, j] = encode_weight(table, task, m, file)
+        weights[:, j] = encode_weight(table, task, m, file, labels[:, j])
     return labels, masks, weights

@@ -67,6 +67,11 @@ class ModelParams(BaseModel):
     activation: str = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     embedding_init_std: float = Field(default=0.05, gt=0.0)
+    fm_tasks: tuple[str, ...] = Field(
+        default=(),
+        description="tasks whose logit gets a factorization-machine term (DeepFM-style)",
+    )
+    fm_dim: int = Field(default=8, ge=1, description="factor width of the FM term")
 
 
 class MultiTaskModel(nn.Module, ABC):
@@ -89,6 +94,30 @@ class MultiTaskModel(nn.Module, ABC):
         self.tasks = tuple(tasks)
         self.task_names = tuple(t.name for t in tasks)
         self.params = params
+        if params.fm_tasks:
+            self._add_fm(params.fm_tasks, params.fm_dim)
+
+    def _add_fm(self, fm_tasks: Sequence[str], dim: int) -> None:
+        """Add one FM term (first + second order over the fields) to the logits of
+        ``fm_tasks``, after the architecture's own forward (works for every model)."""
+        from mtlrec.errors import ConfigError
+        from mtlrec.nn.fm import FactorizationMachine
+
+        kinds = {t.name: t.kind for t in self.tasks}
+        for t in fm_tasks:
+            if kinds.get(t) not in ("binary", "regression"):
+                raise ConfigError(f"fm_tasks: {t!r} is not a binary or regression task here")
+        self.fm = FactorizationMachine(self.layout, dim)
+
+        def add_fm(module: nn.Module, args: tuple, output: ModelOutput) -> ModelOutput:
+            term = module.fm(args[0])  # [B] (module, not self: survives deepcopy)
+            logits = dict(output.logits)
+            for t in fm_tasks:
+                logits[t] = logits[t] + term
+            output.logits = logits
+            return output
+
+        self.register_forward_hook(add_fm)
 
     @property
     def loss_task_names(self) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -12,18 +13,49 @@ from mtlrec.batch import Features
 from mtlrec.models.base import ModelOutput, ModelParams, MultiTaskModel, params_of
 from mtlrec.nn.embedding import FeatureLayout
 from mtlrec.nn.experts import ExpertBank
-from mtlrec.nn.gates import Gate
+from mtlrec.nn.gates import Gate, GateOutput, gate_penalty
 from mtlrec.nn.heads import TaskHeads
 from mtlrec.nn.mixture import mix
 from mtlrec.registry import MODELS
 from mtlrec.schema import TaskSpec
 
 
-class MoEParams(ModelParams):
-    num_experts: int = Field(default=8, ge=1)
-    expert_hidden: tuple[int, ...] = Field(default=(256, 128), min_length=1)
+class GatedParams(ModelParams):
+    """Gate options shared by every gated model (see ``docs/gated.md``)."""
+
     gate_hidden: tuple[int, ...] = ()
     gate_temperature: float = Field(default=1.0, gt=0.0)
+    gate_type: Literal["softmax", "dselect"] = "softmax"
+    dselect_k: int = Field(default=2, ge=1, description="DSelect-k: number of selectors")
+    dselect_gamma: float = Field(default=1.0, gt=0.0, description="DSelect-k: smooth-step width")
+    gate_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="expert dropout")
+    gate_regularizer: Literal["none", "load_balance", "entropy"] = "none"
+    gate_reg_weight: float = Field(default=0.01, ge=0.0)
+
+    def gate_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~mtlrec.nn.gates.Gate` / ``GateBank``."""
+        return {
+            "hidden": self.gate_hidden,
+            "temperature": self.gate_temperature,
+            "activation": self.activation,
+            "kind": self.gate_type,
+            "k": self.dselect_k,
+            "gamma": self.dselect_gamma,
+            "dropout": self.gate_dropout,
+        }
+
+    def gate_aux(self, outs: Sequence[GateOutput]) -> dict[str, torch.Tensor]:
+        """The weighted gate regulariser over some gate outputs (empty when off)."""
+        if self.gate_regularizer == "none" or self.gate_reg_weight == 0 or not outs:
+            return {}
+        pens = [gate_penalty(o, self.gate_regularizer) for o in outs]
+        total = torch.stack([p for p in pens if p is not None]).sum()
+        return {f"gate_{self.gate_regularizer}": self.gate_reg_weight * total}
+
+
+class MoEParams(GatedParams):
+    num_experts: int = Field(default=8, ge=1)
+    expert_hidden: tuple[int, ...] = Field(default=(256, 128), min_length=1)
 
 
 class _MoEBase(MultiTaskModel):
@@ -41,16 +73,7 @@ class _MoEBase(MultiTaskModel):
         )
         self.gate_names = self.task_names if gates > 1 else ("shared",)
         self.gates = nn.ModuleDict(
-            {
-                g: Gate(
-                    d_in,
-                    p.num_experts,
-                    hidden=p.gate_hidden,
-                    temperature=p.gate_temperature,
-                    activation=p.activation,
-                )
-                for g in self.gate_names
-            }
+            {g: Gate(d_in, p.num_experts, **p.gate_options()) for g in self.gate_names}
         )
         self.heads = TaskHeads(
             self.tasks,
@@ -60,12 +83,14 @@ class _MoEBase(MultiTaskModel):
             dropout=p.dropout,
         )
 
-    def _gate_and_mix(self, features: Features) -> tuple[dict, torch.Tensor]:
+    def _gate_and_mix(self, features: Features) -> tuple[dict, torch.Tensor, dict]:
         x = self.embedding(features).flat  # [B, D]
         experts = self.experts(x)  # [E, B, H]
-        gates = {g: self.gates[g](x) for g in self.gate_names}  # name -> [B, E]
+        routed = {g: self.gates[g].route(x) for g in self.gate_names}  # name -> [B, E]
+        gates = {g: r.weights for g, r in routed.items()}
         stacked = torch.stack([gates[g] for g in self.gate_names])  # [G, B, E]
-        return gates, mix(stacked, experts)  # [G, B, H]
+        aux = self.params.gate_aux(list(routed.values()))  # type: ignore[attr-defined]
+        return gates, mix(stacked, experts), aux  # mixed: [G, B, H]
 
 
 @MODELS.register("mmoe", params=MoEParams)
@@ -83,9 +108,9 @@ class MMoE(_MoEBase):
         super().__init__(layout, tasks, params, gates=len(tasks))
 
     def forward(self, features: Features) -> ModelOutput:
-        gates, mixed = self._gate_and_mix(features)  # mixed: [T, B, H]
+        gates, mixed, aux = self._gate_and_mix(features)  # mixed: [T, B, H]
         reps = {t: mixed[i] for i, t in enumerate(self.task_names)}
-        return ModelOutput(self.heads(mixed), gates=gates, tower_inputs=reps)
+        return ModelOutput(self.heads(mixed), gates=gates, tower_inputs=reps, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.gates[task], self.heads.towers[task])
@@ -104,9 +129,10 @@ class OMoE(_MoEBase):
         super().__init__(layout, tasks, params, gates=1)
 
     def forward(self, features: Features) -> ModelOutput:
-        gates, mixed = self._gate_and_mix(features)  # mixed: [1, B, H]
+        gates, mixed, aux = self._gate_and_mix(features)  # mixed: [1, B, H]
         h = mixed[0]
-        return ModelOutput(self.heads(h), gates=gates, tower_inputs={t: h for t in self.task_names})
+        reps = {t: h for t in self.task_names}
+        return ModelOutput(self.heads(h), gates=gates, tower_inputs=reps, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])

@@ -189,6 +189,11 @@ class EmbeddingCollection(nn.Module):
         w = mask.to(weight.dtype)
         if spec.pooling == "mean":
             w = w / mask.sum(1, keepdim=True).clamp_min(1).to(weight.dtype)
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            # ONNX has no embedding_bag (the exporter writes a loop over rows): the same
+            # weighted sum as a gather and a reduction
+            vals = F.embedding(gids, weight)  # [B, L, E]
+            return (vals * w.unsqueeze(-1)).sum(1)  # [B, E]
         return F.embedding_bag(
             gids, weight, mode="sum", per_sample_weights=w, sparse=self.sparse_grad
         )  # [B, E]
@@ -200,6 +205,8 @@ class EmbeddingCollection(nn.Module):
         if features.dense.shape[1]:
             parts.append(features.dense)
         if self.pad:
-            parts.append(features.dense.new_zeros(features.batch_size, self.pad))
+            # [B, pad] zeros shaped from a column of parts[0] (no batch size as a Python int):
+            # traced and ONNX exports keep the batch size dynamic
+            parts.append(torch.zeros_like(parts[0][:, :1]).expand(-1, self.pad))
         flat = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return Embedded(flat, groups[0] if self._single else None, features.dense)

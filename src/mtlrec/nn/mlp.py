@@ -219,6 +219,13 @@ class ParallelMLP(nn.Module):
             return w[:, member * d : (member + 1) * d]
         return w[member]
 
+    def member_weights(self, layer: int) -> Tensor:
+        """The weights of all members in one layer, ``[num, in, out]`` (a view)."""
+        w = self.weights[layer]
+        if layer == 0 and self.shared_input:
+            return w.view(w.shape[0], self.num, self.dims[0]).transpose(0, 1)  # [num, in, d]
+        return w
+
     def _activate(self, x: Tensor, last: bool) -> Tensor:
         if last and not self.last_activation:
             return x
@@ -239,6 +246,8 @@ class ParallelMLP(nn.Module):
             and not self.layer_norm
             and self.dropout == 0
             and torch.is_grad_enabled()
+            # the fused Function has no vmap rule: plain ops under torch.func transforms
+            and not torch._C._are_functorch_transforms_active()
         )
         for i in range(n_layers):
             w, b = self.weights[i], self.biases[i]

@@ -23,6 +23,9 @@ class Callback:
 
     def on_step_end(self, trainer: Trainer, state: TrainState) -> None: ...
 
+    def on_epoch_record(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+        """Add entries to the epoch's record before it is stored (history, log, checkpoint)."""
+
     def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None: ...
 
     def on_fit_end(self, trainer: Trainer, state: TrainState) -> None: ...

@@ -20,12 +20,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from mtlrec.config import ExperimentConfig
+from mtlrec.data.dataset import ColumnarDataset
 from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.sources import load_datasets
 from mtlrec.errors import CheckpointError, ConfigError
@@ -39,6 +40,9 @@ from mtlrec.train.trainer import FitResult, Trainer
 from mtlrec.utils.atomic import write_text
 from mtlrec.utils.runtime import configure_runtime
 from mtlrec.weighting.build import build_weighting
+
+if TYPE_CHECKING:
+    from mtlrec.train.distributed import DistContext
 
 RUN_FORMAT = 1
 # config keys that may change between a run and its resumption
@@ -101,12 +105,21 @@ def train_run(
     overwrite: bool = False,
     callbacks: list[Callback] | None = None,
     progress_label: str = "train",
+    distributed: DistContext | None = None,
 ) -> RunResult:
-    """Train the configured model, select its epoch on validation, score the test split."""
+    """Train the configured model, select its epoch on validation, score the test split.
+
+    With ``distributed`` (one process of a data-parallel group, see
+    :mod:`mtlrec.train.distributed`) every process trains on its share of each batch and only
+    rank 0 writes files.
+    """
     t0 = time.perf_counter()
     out = Path(output_dir or cfg.output_dir)
     existing = (out / "config.yaml").is_file()
-    if existing and overwrite:
+    main = distributed is None or distributed.is_main
+    if distributed is not None:
+        distributed.barrier()  # every process has looked before rank 0 writes
+    if existing and overwrite and main:
         for f in (
             "checkpoints/last.safetensors",
             "checkpoints/best.safetensors",
@@ -115,7 +128,10 @@ def train_run(
             "encoders.json",
         ):
             (out / f).unlink(missing_ok=True)
+    if existing and overwrite:
         existing = False
+    if distributed is not None:
+        distributed.barrier()  # nobody reads what rank 0 is removing
     if existing:
         _check_same_run(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +152,7 @@ def train_run(
     torch.manual_seed(cfg.training.seed)
     model = build_model(model_name, schema, pre.table_sizes(), params)
     strategy = build_weighting(cfg.balancing.name, model.loss_task_names, cfg.balancing.params())
-    if not existing:
+    if not existing and main:
         write_text(out / "config.yaml", cfg.to_yaml())
         write_text(out / "schema.json", schema.to_json())
         write_text(out / "encoders.json", pre.to_json())
@@ -154,18 +170,29 @@ def train_run(
         )
         (out / "metrics.jsonl").unlink(missing_ok=True)
     meta = {"schema_fingerprint": schema.fingerprint(), "model": model_name}
-    trainer = Trainer(
-        model,
-        schema,
+    logger = [JsonlLogger(out / "metrics.jsonl")] if main else []
+    trainer_kwargs: dict[str, Any] = dict(
         config=cfg.training,
         strategy=strategy,
         monitor=cfg.monitor_key(schema),
         run_dir=out,
         meta=meta,
-        callbacks=[JsonlLogger(out / "metrics.jsonl"), *(callbacks or [])],
+        callbacks=[*logger, *(callbacks or [])],
         progress_label=progress_label,
     )
     train, valid, test = data.train, data.valid, data.test
+    if distributed is None:
+        trainer = Trainer(model, schema, **trainer_kwargs)
+    else:
+        from mtlrec.train.distributed import DistributedTrainer, RankShard
+
+        trainer = DistributedTrainer(model, schema, context=distributed, **trainer_kwargs)
+        if isinstance(train, ColumnarDataset):
+            train = RankShard(train, distributed.rank, distributed.world_size)
+        else:  # a stream: each process encodes only the rows of its shares
+            from mtlrec.data.streaming import sharded
+
+            train = sharded(train, distributed.rank, distributed.world_size)
     fit = trainer.fit(train, valid, resume=resume)
     valid_metrics = trainer.evaluate(valid) if valid is not None else None
     test_metrics = trainer.evaluate(test) if test is not None else None
@@ -173,6 +200,20 @@ def train_run(
         k: ds.unknown_counts for k in ("train", "valid", "test") if (ds := data.get(k)) is not None
     }
     seconds = time.perf_counter() - t0
+    if main:
+        _write_summary(out, model_name, fit, valid_metrics, test_metrics, unknown, seconds)
+    return RunResult(out, fit, valid_metrics, test_metrics, unknown, seconds)
+
+
+def _write_summary(
+    out: Path,
+    model_name: str,
+    fit: FitResult,
+    valid_metrics: dict[str, dict[str, float]] | None,
+    test_metrics: dict[str, dict[str, float]] | None,
+    unknown: dict[str, dict[str, int]],
+    seconds: float,
+) -> None:
     write_text(
         out / "summary.json",
         json.dumps(
@@ -192,7 +233,6 @@ def train_run(
             allow_nan=True,
         ),
     )
-    return RunResult(out, fit, valid_metrics, test_metrics, unknown, seconds)
 
 
 def load_run(path: str | Path, *, checkpoint: str = "best") -> LoadedRun:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,8 @@ class StepContext:
     strategy: Weighting
     optimizer: Optimizer
     grad_clip: float | None = None
+    # called after backward, before clipping: e.g. the all-reduce of distributed training
+    grad_sync: Callable[[], None] | None = None
 
 
 def train_step(ctx: StepContext, batch: Batch, *, where: str = "") -> BackwardResult:
@@ -57,8 +59,20 @@ def train_step(ctx: StepContext, batch: Batch, *, where: str = "") -> BackwardRe
         )
     aux = sum(output.aux_losses.values()) if output.aux_losses else None
     ctx.optimizer.zero_grad(set_to_none=True)
-    shared = ctx.model.shared_parameters() if ctx.strategy.needs_grads else ()
-    result = multitask_backward(losses, ctx.strategy, shared_parameters=shared, aux_loss=aux)  # type: ignore[arg-type]
+    strategy = ctx.strategy
+    if strategy.needs_outputs:
+        strategy.observe(output, batch)
+    use_params = strategy.needs_grads and strategy.grad_target == "parameters"
+    shared = strategy.grad_parameters(ctx.model) if use_params else ()
+    result = multitask_backward(
+        losses,  # type: ignore[arg-type]
+        strategy,
+        shared_parameters=shared,
+        aux_loss=aux,
+        representation=output.tower_inputs,
+    )
+    if ctx.grad_sync is not None:
+        ctx.grad_sync()
     if ctx.grad_clip is not None:
         norm = clip_grad_norm(ctx.model.parameters(), ctx.grad_clip)
         if not math.isfinite(norm):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from mtlrec.config import TrainingConfig
+from mtlrec.data.batch_source import BatchSource
 from mtlrec.data.dataset import ColumnarDataset
 from mtlrec.errors import CheckpointError, ConfigError
 from mtlrec.losses import MultiTaskLoss
@@ -158,6 +159,8 @@ class Trainer:
         self.callbacks = cbs
         self._best_state: dict[str, Tensor] | None = None
         self._active: list[Callback] = cbs
+        # run after every backward (distributed training all-reduces the gradients here)
+        self.grad_sync: Callable[[], None] | None = None
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, path: str | Path, state: TrainState) -> None:
@@ -198,7 +201,7 @@ class Trainer:
     # -- loops -----------------------------------------------------------------------------
     def fit(
         self,
-        train: ColumnarDataset,
+        train: ColumnarDataset | BatchSource,
         valid: ColumnarDataset | None = None,
         *,
         resume: bool = False,
@@ -248,13 +251,20 @@ class Trainer:
 
     def _run_epoch(
         self,
-        train: ColumnarDataset,
+        train: ColumnarDataset | BatchSource,
         valid: ColumnarDataset | None,
         state: TrainState,
         tasks: Sequence[str],
     ) -> None:
         cfg = self.config
-        ctx = StepContext(self.model, self.loss_fn, self.strategy, self.optimizer, cfg.grad_clip)
+        ctx = StepContext(
+            self.model,
+            self.loss_fn,
+            self.strategy,
+            self.optimizer,
+            cfg.grad_clip,
+            grad_sync=self.grad_sync,
+        )
         nb = train.num_batches(cfg.batch_size)
         for cb in self._active:
             cb.on_epoch_start(self, state, nb)
@@ -313,6 +323,8 @@ class Trainer:
                     }
             else:
                 state.epochs_since_best += 1
+        for cb in self._active:
+            cb.on_epoch_record(self, state, record)
         state.history.append(record)
         state.epoch += 1
         state.batch_in_epoch = 0

@@ -11,15 +11,41 @@ A strategy is an ``nn.Module`` (its learnable weights and running state live in 
   gradients ``jacobian [T, P]`` of the shared parameters (or of the shared representation, with
   ``grad_target = "representation"``), computed in one batched backward, and either return
   weights or override :meth:`Weighting.aggregate` to map ``[T, P] -> [P]`` (gradient surgery).
+  :meth:`Weighting.grad_parameters` chooses which shared parameters (``GradParams`` options).
+* Strategies with ``needs_outputs = True`` see each step's outputs and batch in
+  :meth:`Weighting.observe` before backward (e.g. a running AUC).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mtlrec.batch import Batch
+    from mtlrec.models.base import ModelOutput, MultiTaskModel
+
+
+class GradParams(BaseModel):
+    """Options of every gradient-based strategy: what the per-task gradients are taken of."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grad_target: Literal["parameters", "representation"] = Field(
+        default="parameters",
+        description="per-task gradients of the shared parameters, or of the shared "
+        "representation (the tensor the towers read, ModelOutput.tower_inputs; MGDA-UB)",
+    )
+    include_embeddings: bool = Field(
+        default=True,
+        description="take per-task gradients of the embedding tables too (their size: "
+        "[T, rows*dim]); off (for very large tables): the tables get the plain sum of the task "
+        "gradients, only the dense shared parameters get the strategy's combination",
+    )
 
 
 class Weighting(nn.Module, ABC):
@@ -33,7 +59,11 @@ class Weighting(nn.Module, ABC):
     """
 
     needs_grads: ClassVar[bool] = False
+    needs_outputs: ClassVar[bool] = False
     grad_target: Literal["parameters", "representation"] = "parameters"
+    include_embeddings: bool = True
+    #: learning rate of the strategy's own parameters (None: the optimiser's)
+    param_lr: float | None = None
     paper: ClassVar[str] = ""
 
     def __init__(self, task_names: Sequence[str]) -> None:
@@ -47,6 +77,26 @@ class Weighting(nn.Module, ABC):
     @abstractmethod
     def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
         """Task weights ``[T]`` for this step (treated as constants in the objective)."""
+
+    def set_grad_options(self, params: GradParams) -> None:
+        """Take ``grad_target`` / ``include_embeddings`` from a strategy's parameters."""
+        self.grad_target = params.grad_target
+        self.include_embeddings = params.include_embeddings
+
+    def grad_parameters(self, model: MultiTaskModel) -> list[nn.Parameter]:
+        """The shared parameters whose per-task gradients this strategy receives (gradient
+        strategies with ``grad_target = "parameters"``): every shared parameter, without the
+        embedding tables unless ``include_embeddings``."""
+        shared = [p for p in model.shared_parameters() if p.requires_grad]
+        if self.include_embeddings:
+            return shared
+        emb = {id(p) for p in model.embedding_parameters()}
+        return [p for p in shared if id(p) not in emb]
+
+    def observe(self, output: ModelOutput, batch: Batch) -> None:
+        """Called before backward with the step's outputs, for strategies with
+        ``needs_outputs = True`` (e.g. a running accuracy); never differentiates them."""
+        del output, batch
 
     def regularizer(self, losses: Tensor) -> Tensor | None:
         """An extra differentiable term of the objective (None: nothing)."""

@@ -1,0 +1,70 @@
+"""``mtlrec serve``: the scoring service of a run (or of an export folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from mtlrec.cli import friendly
+
+    @app.command("serve")
+    @friendly
+    def serve(
+        run: Annotated[
+            Path,
+            typer.Argument(help="run folder (eager PyTorch) or export folder (ONNX/TorchScript)"),
+        ],
+        fusion: Annotated[
+            Path | None, typer.Option(help="fusion JSON file: adds the fused score")
+        ] = None,
+        host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = (
+            "127.0.0.1"
+        ),
+        port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+        max_candidates: Annotated[int, typer.Option(min=1, help="candidates per request")] = 1000,
+        max_body_bytes: Annotated[int, typer.Option(min=1024, help="largest request body")] = (
+            1 << 20
+        ),
+        context: Annotated[
+            str,
+            typer.Option(
+                help="feature columns given once per request in 'context', comma-separated "
+                "(default: any column may be in the context or in the candidates)"
+            ),
+        ] = "",
+        threads: Annotated[int, typer.Option(min=1, help="threads of the model")] = 1,
+    ) -> None:
+        """Serve POST /score, GET /healthz, GET /metadata (OpenAPI at /docs, /openapi.json)."""
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn
+        except ImportError as e:
+            from mtlrec.errors import ConfigError
+
+            raise ConfigError(
+                f"serve needs the 'serve' extra (pip install 'mtlrec[serve]'): {e}"
+            ) from None
+        import torch
+
+        from mtlrec.cli import err
+        from mtlrec.serve import Scorer, create_app
+
+        torch.set_num_threads(threads)
+        scorer = Scorer.load(run, fusion=fusion)
+        ctx = [c for c in context.split(",") if c] or None
+        api = create_app(
+            scorer,
+            max_candidates=max_candidates,
+            max_body_bytes=max_body_bytes,
+            context_features=ctx,
+        )
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            err.print(f"warning: binding {host}: the service has no authentication")
+        err.print(
+            f"serving {scorer.model_name} ({scorer.backend}) from {run} on http://{host}:{port}"
+        )
+        uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,160 @@
+"""Per-task calibration of predicted probabilities, applied before a fusion formula.
+
+A model trained on negatively down-sampled data over-estimates its positive rate; fusing such
+scores with another task's mixes scales. Three monotone steps, in this order, each optional:
+
+- **down-sampling correction** (He et al., "Practical Lessons from Predicting Clicks on Ads at
+  Facebook", ADKDD 2014, Section 6.2): with negatives kept at rate ``r``,
+  ``q = p / (p + (1 - p) / r)``;
+- **Platt scaling** (Platt, "Probabilistic Outputs for Support Vector Machines", 1999):
+  ``q = sigmoid(a * logit(p) + b)``, ``a > 0``, fitted by Newton's method on held-out labels;
+- **isotonic regression** (Zadrozny & Elkan, KDD 2002) by pool-adjacent-violators (Ayer et al.,
+  1955), applied by linear interpolation between the fitted block end points.
+
+Every step is non-decreasing in ``p``, so calibration never reverses a task's ranking.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EPS = 1e-7
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, EPS, 1 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
+
+
+def downsample_correction(p: np.ndarray, rate: float) -> np.ndarray:
+    """Undo negative down-sampling at rate ``rate`` (He et al. 2014): ``p / (p + (1-p)/rate)``.
+
+    Example:
+        >>> float(downsample_correction(np.array([0.5]), 0.1)[0])  # doctest: +ELLIPSIS
+        0.0909...
+    """
+    p = np.asarray(p, dtype=np.float64)
+    return p / (p + (1.0 - p) / rate)
+
+
+def fit_platt(p: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
+    """Fit ``sigmoid(a * logit(p) + b)`` to 0/1 labels by Newton's method (2 parameters).
+
+    ``a`` is kept positive (at least 1e-6) so that the map stays increasing.
+    """
+    z = _logit(np.asarray(p, dtype=np.float64))
+    y = np.asarray(y, dtype=np.float64)
+    x = np.stack([z, np.ones_like(z)], axis=1)  # [N, 2]
+    theta = np.array([1.0, 0.0])
+    for _ in range(iters):
+        q = _sigmoid(x @ theta)
+        g = x.T @ (q - y) + 1e-6 * theta  # gradient of the mean-free log loss (+ tiny L2)
+        h = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)  # [2, 2] Hessian
+        step = np.linalg.solve(h, g)
+        theta = theta - step
+        if np.abs(step).max() < 1e-10:
+            break
+    return max(float(theta[0]), 1e-6), float(theta[1])
+
+
+def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Isotonic (non-decreasing) regression of ``y`` on ``p`` by pool-adjacent-violators.
+
+    Vectorised: rows are pooled by distinct ``p`` first, then every adjacent pair of blocks
+    whose means decrease is merged at once, until none is left (pooling adjacent violators
+    never separates rows of one block of the unique solution, so the order of merges does not
+    matter).
+
+    Returns:
+        ``(x, v)``: block end points (each block's smallest and largest ``p``) and their values,
+        for :func:`numpy.interp`. Shapes ``[2 * blocks]``.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if p.size == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    uniq, inv = np.unique(p, return_inverse=True)
+    w = np.bincount(inv, minlength=len(uniq)).astype(np.float64)  # rows per distinct p
+    wy = np.bincount(inv, y, minlength=len(uniq))
+    lo, hi = uniq.copy(), uniq.copy()
+    while True:
+        mean = wy / w
+        viol = mean[:-1] > mean[1:]  # [B-1]: block i and i+1 must be pooled
+        if not viol.any():
+            break
+        starts = np.flatnonzero(np.concatenate(([True], ~viol)))  # first block of each pool
+        w = np.add.reduceat(w, starts)
+        wy = np.add.reduceat(wy, starts)
+        ends = np.concatenate((starts[1:], [len(lo)])) - 1
+        lo, hi = lo[starts], hi[ends]
+    mean = wy / w
+    x = np.stack([lo, hi], axis=1).reshape(-1)  # [2B]: lo0, hi0, lo1, hi1, ...
+    v = np.repeat(mean, 2)
+    return x, v
+
+
+class Calibration(BaseModel):
+    """One task's calibration (JSON-serialisable).
+
+    Args:
+        downsample_rate: the rate negatives were kept at in training (None: not down-sampled).
+        method: ``none``, ``platt`` or ``isotonic``.
+        a, b: Platt slope and intercept.
+        x, y: isotonic block end points and values.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    downsample_rate: float | None = Field(default=None, gt=0, le=1)
+    method: Literal["none", "platt", "isotonic"] = "none"
+    a: float = Field(default=1.0, gt=0)
+    b: float = 0.0
+    x: list[float] = Field(default_factory=list)
+    y: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> Calibration:
+        if self.method == "isotonic":
+            if len(self.x) != len(self.y) or len(self.x) < 1:
+                raise ValueError("isotonic calibration needs x and y of the same, non-zero length")
+            if np.any(np.diff(self.x) < 0) or np.any(np.diff(self.y) < 0):
+                raise ValueError("isotonic calibration x and y must be non-decreasing")
+        return self
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities, shape as ``p``."""
+        q = np.asarray(p, dtype=np.float64)
+        if self.downsample_rate is not None:
+            q = downsample_correction(q, self.downsample_rate)
+        if self.method == "platt":
+            q = _sigmoid(self.a * _logit(q) + self.b)
+        elif self.method == "isotonic":
+            q = np.interp(q, np.asarray(self.x), np.asarray(self.y))
+        return q
+
+    @classmethod
+    def fit(
+        cls,
+        p: np.ndarray,
+        y: np.ndarray,
+        method: Literal["none", "platt", "isotonic"],
+        downsample_rate: float | None = None,
+    ) -> Calibration:
+        """Fit on held-out probabilities ``p`` and 0/1 labels ``y`` (after the correction)."""
+        base = cls(downsample_rate=downsample_rate)
+        q = base(np.asarray(p, dtype=np.float64))
+        if method == "platt":
+            a, b = fit_platt(q, y)
+            return cls(downsample_rate=downsample_rate, method="platt", a=a, b=b)
+        if method == "isotonic":
+            x, v = fit_isotonic(q, y)
+            return cls(
+                downsample_rate=downsample_rate, method="isotonic", x=x.tolist(), y=v.tolist()
+            )
+        return base

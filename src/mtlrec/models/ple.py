@@ -1,0 +1,116 @@
+"""Customized Gate Control (CGC) and Progressive Layered Extraction (PLE).
+
+Paper: H. Tang, J. Liu, M. Zhao, X. Gong, "Progressive Layered Extraction (PLE): A Novel
+Multi-Task Learning (MTL) Model for Personalized Recommendations", RecSys 2020.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+from torch import nn
+
+from mtlrec.batch import Features
+from mtlrec.models.base import ModelOutput, MultiTaskModel, params_of
+from mtlrec.models.moe import GatedParams
+from mtlrec.nn.embedding import FeatureLayout
+from mtlrec.nn.extraction import ExtractionLevel
+from mtlrec.nn.heads import TaskHeads
+from mtlrec.registry import MODELS
+from mtlrec.schema import TaskSpec
+
+
+class CGCParams(GatedParams):
+    experts_per_task: int = Field(default=2, ge=1, description="task-specific experts per task")
+    shared_experts: int = Field(default=2, ge=1)
+    expert_hidden: tuple[int, ...] = Field(default=(256, 128), min_length=1)
+
+
+class PLEParams(CGCParams):
+    num_levels: int = Field(default=2, ge=1, description="extraction levels")
+
+
+class _Extraction(MultiTaskModel):
+    """Stacked extraction levels; the last one has no shared gate."""
+
+    def __init__(
+        self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: CGCParams, levels: int
+    ) -> None:
+        super().__init__(layout, tasks, params)
+        p = params
+        self.embedding = self.make_embedding()
+        width = p.expert_hidden[-1]
+        self.levels = nn.ModuleList(
+            ExtractionLevel(
+                len(self.tasks),
+                p.experts_per_task,
+                p.shared_experts,
+                self.embedding.out_dim if i == 0 else width,
+                p.expert_hidden,
+                shared_gate=i < levels - 1,
+                first=i == 0,
+                gate_options=p.gate_options(),
+                activation=p.activation,
+                dropout=p.dropout,
+            )
+            for i in range(levels)
+        )
+        self.heads = TaskHeads(
+            self.tasks, width, p.tower_hidden, activation=p.activation, dropout=p.dropout
+        )
+
+    def forward(self, features: Features) -> ModelOutput:
+        h = self.embedding(features).flat  # [B, D]
+        gates, routed = {}, []
+        last = len(self.levels) - 1
+        for i, level in enumerate(self.levels):
+            h, outs = level(h)  # [T (+1), B, H]: task streams, then the shared one
+            routed += outs
+            prefix = "" if i == last else f"level{i}."
+            for j, t in enumerate(self.task_names):
+                gates[prefix + t] = outs[0].weights[j]  # [B, m + s]
+            if len(outs) > 1:
+                gates[f"{prefix}shared"] = outs[1].weights  # [B, E]
+        reps = {t: h[j] for j, t in enumerate(self.task_names)}  # h: [T, B, H]
+        aux = self.params.gate_aux(routed)  # type: ignore[attr-defined]
+        return ModelOutput(self.heads(h), gates=gates, tower_inputs=reps, aux_losses=aux)
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        # experts and gates of a level are stacked tensors shared by all tasks' slices
+        return params_of(self.heads.towers[task])
+
+
+@MODELS.register("cgc", params=CGCParams, paper="Tang et al., RecSys 2020")
+class CGC(_Extraction):
+    """Customized Gate Control: task-specific and shared experts, one gate per task.
+
+    Paper: Tang et al., RecSys 2020 (PLE), Section 4.2. Task k's tower reads
+    ``g^k(x) = w^k(x) S^k(x)``, where ``S^k(x)`` stacks task k's ``experts_per_task`` experts
+    and the ``shared_experts`` shared experts and ``w^k(x) = softmax(W^k_g x)`` (or any gate of
+    ``gate_type``). Task k's loss never reaches another task's experts.
+    """
+
+    Params = CGCParams
+    paper = "Tang et al., RecSys 2020"
+
+    def __init__(self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: CGCParams) -> None:
+        super().__init__(layout, tasks, params, levels=1)
+
+
+@MODELS.register("ple", params=PLEParams, paper="Tang et al., RecSys 2020")
+class PLE(_Extraction):
+    """Progressive Layered Extraction: stacked CGC levels with shared gates between them.
+
+    Paper: Tang et al., RecSys 2020, Section 4.3. Level j's task-k experts and gate read task
+    k's output of level j-1, ``g^{k,j}(x) = w^{k,j}(g^{k,j-1}(x)) S^{k,j}(x)``; the shared
+    experts and the shared gate read the shared output, and the shared gate of every level but
+    the last weighs all experts of its level (every task's and the shared ones). The towers
+    read the task outputs of the last level.
+    """
+
+    Params = PLEParams
+    paper = "Tang et al., RecSys 2020"
+
+    def __init__(self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: PLEParams) -> None:
+        super().__init__(layout, tasks, params, levels=params.num_levels)

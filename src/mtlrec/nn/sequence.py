@@ -1,0 +1,91 @@
+"""Recurrent expert banks: K LSTMs or GRUs over one sequence, run as one batched recurrence.
+
+The input projection of every expert and every time step is one GEMM; each step's recurrent
+update of all K experts is one batched matmul ``[K, B, H] @ [K, H, G*H]``. The loop runs over
+time steps (``max_len``), never over rows or experts. Padding is masked: at a padding position
+the state is carried over unchanged, so the final state is the state after the last real
+element whatever the padding holds or where it sits; a row with no real element ends at zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+_GATES = {"lstm": 4, "gru": 3}
+
+
+class SequenceExpertBank(nn.Module):
+    """K recurrent experts (``cell='lstm'`` or ``'gru'``) reading one sequence or one each.
+
+    Args:
+        num: number of experts K.
+        in_dim: width of a sequence element.
+        hidden: state width H of every expert.
+        cell: ``lstm`` or ``gru`` (PyTorch's gate equations).
+        shared_input: all experts read one ``[B, L, in_dim]`` sequence; otherwise expert k
+            reads ``x[k]`` of ``[K, B, L, in_dim]``.
+
+    Returns (forward):
+        ``(states [K, B, L, H], final [K, B, H])``; ``states`` at padding positions repeat the
+        previous state.
+
+    Example:
+        >>> import torch
+        >>> bank = SequenceExpertBank(3, 4, 5)
+        >>> x, mask = torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)
+        >>> [tuple(t.shape) for t in bank(x, mask)]
+        [(3, 2, 6, 5), (3, 2, 5)]
+    """
+
+    def __init__(
+        self, num: int, in_dim: int, hidden: int, *, cell: str = "lstm", shared_input: bool = True
+    ) -> None:
+        super().__init__()
+        if cell not in _GATES:
+            raise ValueError(f"unknown recurrent cell {cell!r}; choose from {sorted(_GATES)}")
+        g = _GATES[cell]
+        self.num, self.hidden, self.cell, self.shared_input = num, hidden, cell, shared_input
+        self.w_ih = nn.Parameter(torch.empty(num, in_dim, g * hidden))
+        self.w_hh = nn.Parameter(torch.empty(num, hidden, g * hidden))
+        self.b_ih = nn.Parameter(torch.empty(num, 1, g * hidden))
+        self.b_hh = nn.Parameter(torch.empty(num, 1, g * hidden))
+        bound = 1.0 / math.sqrt(hidden)
+        for p in (self.w_ih, self.w_hh, self.b_ih, self.b_hh):
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        k, h = self.num, self.hidden
+        if self.shared_input:
+            bsz, length, d = x.shape
+            w = self.w_ih.permute(1, 0, 2).reshape(d, -1)  # [D, K*G*H]
+            xi = (x.reshape(bsz * length, d) @ w).view(bsz, length, k, -1)  # [B, L, K, G*H]
+            xi = xi.permute(2, 0, 1, 3) + self.b_ih.unsqueeze(1)  # [K, B, L, G*H]
+        else:
+            _, bsz, length, d = x.shape
+            xi = torch.matmul(x, self.w_ih.unsqueeze(1)) + self.b_ih.unsqueeze(1)  # [K,B,L,G*H]
+        state = x.new_zeros(k, bsz, h)
+        cell = x.new_zeros(k, bsz, h)
+        states = []
+        for step in range(length):
+            m = mask[:, step].view(1, bsz, 1)  # [1, B, 1]
+            hh = torch.baddbmm(self.b_hh, state, self.w_hh)  # [K, B, G*H]
+            xs = xi[:, :, step]  # [K, B, G*H]
+            if self.cell == "lstm":
+                i, f, c_in, o = (xs + hh).chunk(4, dim=-1)
+                new_cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(c_in)
+                new_state = torch.sigmoid(o) * torch.tanh(new_cell)
+                cell = torch.where(m, new_cell, cell)
+            else:
+                xr, xz, xn = xs.chunk(3, dim=-1)
+                hr, hz, hn = hh.chunk(3, dim=-1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                n = torch.tanh(xn + r * hn)
+                new_state = (1 - z) * n + z * state
+            state = torch.where(m, new_state, state)  # padding keeps the state
+            states.append(state)
+        if not states:
+            return x.new_zeros(k, bsz, 0, h), state
+        return torch.stack(states, dim=2), state  # [K, B, L, H], [K, B, H]
