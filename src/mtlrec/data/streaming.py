@@ -175,7 +175,9 @@ class StreamingDataset:
                 np.minimum(hi_b[first:last], end) - buf.begin,
             )
             enc = self._encode_buffer(buf, pos, shuffle, seed, epoch)
-            carry = enc if carry is None else ColumnarDataset.concat([carry, enc], consume=True)
+            with mmap_large_blocks():  # a buffer's blocks must not fragment training's heap
+                carry = enc if carry is None else ColumnarDataset.concat([carry, enc], consume=True)
+            del enc
             offset = 0
             while b < nb and hi_b[b] <= end:
                 k = max(int(hi_b[b] - max(lo_b[b], begin)), 0)
@@ -183,8 +185,9 @@ class StreamingDataset:
                 offset += k
                 b += 1
             if offset:
-                rest = torch.arange(offset, len(carry))
-                carry = carry.subset(rest) if len(rest) else None
+                with mmap_large_blocks():
+                    rest = torch.arange(offset, len(carry))
+                    carry = carry.subset(rest) if len(rest) else None
             if b >= nb:
                 return
 
