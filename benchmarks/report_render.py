@@ -3,7 +3,7 @@ every inlined PNG, and take a screenshot with a headless Chromium when one is in
 
 Usage::
 
-    python benchmarks/report_render.py --output /tmp/report-check
+    python benchmarks/report_render.py --output runs/report-check
 
 Prints the report's size, the number of images, and where the screenshot went (or that no
 Chromium was found: ``chromium``, ``chromium-browser``, ``google-chrome`` on PATH).

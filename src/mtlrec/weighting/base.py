@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -124,3 +125,25 @@ class Weighting(nn.Module, ABC):
     def describe(self, weights: Tensor) -> dict[str, float]:
         """Weights by task name, for logs."""
         return {t: float(w) for t, w in zip(self.task_names, weights.tolist(), strict=True)}
+
+
+class SharedUpdateWeighting(Weighting):
+    """A gradient strategy that only combines the shared update (MGDA, PE-LTR, IMTL).
+
+    Task-specific parameters get their own task's gradient (weight 1 each); the shared
+    parameters get ``alpha @ J`` with ``alpha = self.shared_weights(losses, J)``, which the
+    subclass defines. Subclasses call :meth:`init_shared_update` in ``__init__``.
+    """
+
+    def init_shared_update(self) -> None:
+        self._losses = torch.zeros(len(self.task_names))
+        self.register_buffer("last_alpha", torch.zeros(len(self.task_names)), persistent=False)
+
+    def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
+        self._losses = losses.detach()
+        return torch.ones_like(losses)
+
+    def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
+        alpha = self.shared_weights(self._losses, jacobian)  # type: ignore[attr-defined]
+        self.last_alpha.copy_(alpha.detach().float())
+        return alpha.to(jacobian.dtype) @ jacobian.detach()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlrec.registry import WEIGHTINGS
-from mtlrec.weighting.base import GradParams, Weighting
+from mtlrec.weighting.base import GradParams, SharedUpdateWeighting
 
 PAPER = (
     "Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang. Towards Impartial Multi-task Learning. "
@@ -17,7 +17,7 @@ PAPER = (
 
 
 @WEIGHTINGS.register("imtl", params=GradParams, paper=PAPER)
-class IMTL(Weighting):
+class IMTL(SharedUpdateWeighting):
     """IMTL-G (Liu et al., ICLR 2021): weights whose combined gradient has equal projections on
     every task's unit gradient.
 
@@ -34,19 +34,7 @@ class IMTL(Weighting):
     def __init__(self, task_names: Sequence[str], params: GradParams) -> None:
         super().__init__(task_names)
         self.set_grad_options(params)
-        self._losses = torch.zeros(len(self.task_names))
-        self.register_buffer("last_alpha", torch.zeros(len(self.task_names)), persistent=False)
-
-    def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
-        # task-specific parameters get their own task's gradient (weight 1); the shared update
-        # is alpha @ J (aggregate)
-        self._losses = losses.detach()
-        return torch.ones_like(losses)
-
-    def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
-        alpha = self.shared_weights(self._losses, jacobian)
-        self.last_alpha.copy_(alpha.detach().float())
-        return alpha.to(jacobian.dtype) @ jacobian.detach()
+        self.init_shared_update()
 
     def shared_weights(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """The weights ``alpha [T]`` of the task gradients in the shared update."""

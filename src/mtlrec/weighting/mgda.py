@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mtlrec.registry import WEIGHTINGS
 from mtlrec.weighting._solvers import min_norm_weights
-from mtlrec.weighting.base import GradParams, Weighting
+from mtlrec.weighting.base import GradParams, SharedUpdateWeighting
 
 PAPER = "Sener, Koltun. Multi-Task Learning as Multi-Objective Optimization. NeurIPS 2018"
 
@@ -29,7 +29,7 @@ class MGDAParams(GradParams):
 
 
 @WEIGHTINGS.register("mgda", params=MGDAParams, paper=PAPER)
-class MGDA(Weighting):
+class MGDA(SharedUpdateWeighting):
     """Multiple-gradient descent with the min-norm solver (Sener & Koltun, NeurIPS 2018).
 
     Weights ``w = argmin_{w in simplex} ||sum_t w_t g_t||^2`` from the Gram matrix of the task
@@ -48,21 +48,9 @@ class MGDA(Weighting):
     def __init__(self, task_names: Sequence[str], params: MGDAParams) -> None:
         super().__init__(task_names)
         self.set_grad_options(params)
-        self._losses = torch.zeros(len(self.task_names))
-        self.register_buffer("last_alpha", torch.zeros(len(self.task_names)), persistent=False)
+        self.init_shared_update()
         self.normalization = params.normalization
         self.scale = params.scale
-
-    def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
-        # task-specific parameters get their own task's gradient (weight 1); the shared update
-        # is alpha @ J (aggregate)
-        self._losses = losses.detach()
-        return torch.ones_like(losses)
-
-    def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
-        alpha = self.shared_weights(self._losses, jacobian)
-        self.last_alpha.copy_(alpha.detach().float())
-        return alpha.to(jacobian.dtype) @ jacobian.detach()
 
     def shared_weights(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """The weights ``alpha [T]`` of the task gradients in the shared update."""

@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlrec.errors import ConfigError
 from mtlrec.registry import WEIGHTINGS
 from mtlrec.weighting._solvers import project_simplex
-from mtlrec.weighting.base import GradParams, Weighting
+from mtlrec.weighting.base import GradParams, SharedUpdateWeighting
 
 PAPER = (
     "Lin, Chen, Pei, Sun, Xiao, Sun, Zhang, Ou, Jiang. A Pareto-Efficient Algorithm for Multiple "
@@ -27,7 +27,7 @@ class PELTRParams(GradParams):
 
 
 @WEIGHTINGS.register("pe_ltr", params=PELTRParams, paper=PAPER)
-class PELTR(Weighting):
+class PELTR(SharedUpdateWeighting):
     """PE-LTR's Pareto-efficient weights (Lin et al., RecSys 2019, the PE-Solver).
 
     The KKT condition of Pareto stationarity with weight bounds is
@@ -50,8 +50,7 @@ class PELTR(Weighting):
     def __init__(self, task_names: Sequence[str], params: PELTRParams) -> None:
         super().__init__(task_names)
         self.set_grad_options(params)
-        self._losses = torch.zeros(len(self.task_names))
-        self.register_buffer("last_alpha", torch.zeros(len(self.task_names)), persistent=False)
+        self.init_shared_update()
         unknown = set(params.bounds) - set(self.task_names)
         if unknown:
             raise ConfigError(f"pe_ltr bounds name unknown tasks {sorted(unknown)}")
@@ -59,17 +58,6 @@ class PELTR(Weighting):
         if min(c) < 0 or sum(c) > 1 + 1e-9:
             raise ConfigError(f"pe_ltr bounds must be >= 0 and sum to at most 1, got {c}")
         self.register_buffer("bounds", torch.tensor(c, dtype=torch.float64))
-
-    def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
-        # task-specific parameters get their own task's gradient (weight 1); the shared update
-        # is alpha @ J (aggregate)
-        self._losses = losses.detach()
-        return torch.ones_like(losses)
-
-    def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
-        alpha = self.shared_weights(self._losses, jacobian)
-        self.last_alpha.copy_(alpha.detach().float())
-        return alpha.to(jacobian.dtype) @ jacobian.detach()
 
     def shared_weights(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """The weights ``alpha [T]`` of the task gradients in the shared update."""
