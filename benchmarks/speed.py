@@ -44,6 +44,7 @@ from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.stream import encode_file, fit_file
 from mtlrec.data.synthetic import ctr_schema
 from mtlrec.models.build import build_model
+from mtlrec.schema import Schema, SequenceFeature, TaskSpec
 from mtlrec.train.trainer import Trainer
 from mtlrec.utils.runtime import configure_runtime, release_memory
 
@@ -62,6 +63,19 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
             "tower_hidden": [64],
         },
     ),
+    "cgc": (
+        "cgc",
+        {
+            "experts_per_task": 2,
+            "shared_experts": 2,
+            "expert_hidden": [256, 128],
+            "tower_hidden": [64],
+        },
+    ),
+    "ml_mmoe": (
+        "ml_mmoe",
+        {"num_levels": 2, "num_experts": 4, "expert_hidden": [256, 128], "tower_hidden": [64]},
+    ),
     # non-gated architectures (docs/architectures.md), bottoms of the same [256, 128] widths
     "soft_sharing": ("soft_sharing", {"bottom_hidden": [256, 128], "tower_hidden": [64]}),
     "asymmetric_sharing": (
@@ -79,20 +93,66 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def data_file(rows: int) -> Path:
-    """The benchmark table as a Parquet file (generated once, in a child process, so that the
-    generator's memory is not counted in this process's peak)."""
+# models that need a behaviour sequence (MoSE) or a click -> conversion funnel (ESMM) run on the
+# same table plus a 50-id history list column and the ctr / cvr / ctcvr task triple
+FUNNEL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mose": (
+        "mose",
+        {"num_experts": 4, "bottom_hidden": 64, "expert_hidden": 64, "tower_hidden": [64]},
+    ),
+    "esmm": ("esmm", {"base": "embedding", "tower_hidden": [256, 128, 64]}),
+}
+HIST_LEN = 50
+
+
+ALL_MODELS = {**MODELS, **FUNNEL_MODELS}
+
+
+def funnel_schema() -> Schema:
+    """:func:`ctr_schema` plus a history sequence ``hist`` and ESMM's task triple."""
+    base = ctr_schema(embedding_dim=16)
+    hist = SequenceFeature(name="hist", embedding_dim=16, max_len=HIST_LEN, min_count=2)
+    tasks = [
+        TaskSpec(name="ctr", kind="binary", label="click"),
+        TaskSpec(name="cvr", kind="binary", label="conversion", mask="click"),
+        TaskSpec(name="ctcvr", kind="binary", label="conversion"),
+    ]
+    return Schema(features=(*base.features, hist), tasks=tuple(tasks))
+
+
+def _generated(name: str, code: str) -> Path:
+    """A benchmark file made once by ``code`` (Python writing ``sys.argv[1]``) in a child
+    process, so that the generator's memory is not counted in this process's peak."""
     folder = Path(tempfile.gettempdir()) / "mtlrec-bench"
-    path = folder / f"ctr-{rows}-seed0-rg64k.parquet"
+    path = folder / name
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        code = (
-            "import sys; from mtlrec.data.synthetic import make_ctr_table; "
-            "from mtlrec.data.io import write_table; "
-            f"write_table(make_ctr_table({rows}, seed=0), sys.argv[1])"
-        )
         subprocess.run([sys.executable, "-c", code, str(path)], check=True)
     return path
+
+
+def funnel_file(rows: int) -> Path:
+    """:func:`data_file`'s table with a ``hist`` column of 50 Zipf-distributed item ids."""
+    return _generated(
+        f"ctr-hist{HIST_LEN}-{rows}-seed0.parquet",
+        "import sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq; "
+        "from mtlrec.data.synthetic import make_ctr_table; "
+        f"n, L = {rows}, {HIST_LEN}; t = make_ctr_table(n, seed=0); "
+        "ids = np.random.default_rng(0).zipf(1.3, size=n * L) % 50_000; "
+        "off = pa.array(np.arange(0, n * L + 1, L, dtype=np.int32)); "
+        "t = t.append_column('hist', pa.ListArray.from_arrays(off, pa.array(ids))); "
+        "pq.write_table(t, sys.argv[1], row_group_size=65_536)",
+    )
+
+
+def data_file(rows: int) -> Path:
+    """The benchmark table as a Parquet file."""
+    return _generated(
+        f"ctr-{rows}-seed0-rg64k.parquet",
+        "import sys; from mtlrec.data.synthetic import make_ctr_table; "
+        "from mtlrec.data.io import write_table; "
+        f"write_table(make_ctr_table({rows}, seed=0), sys.argv[1])",
+    )
 
 
 def matmul_rate(n: int = 2048, repeats: int = 30) -> list[float]:
@@ -122,7 +182,7 @@ def peak_rss_mb() -> float:
 
 
 def bench_model(key: str, pre: Preprocessor, ds, args: argparse.Namespace) -> dict[str, Any]:
-    name, params = MODELS[key]
+    name, params = ALL_MODELS[key]
     torch.manual_seed(0)
     model = build_model(name, ds.schema, pre.table_sizes(), params)
     n_params = sum(p.numel() for p in model.parameters())
@@ -164,8 +224,9 @@ def bench_model(key: str, pre: Preprocessor, ds, args: argparse.Namespace) -> di
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One model on the user path, in this (fresh) process: read, encode, train, predict."""
-    path = data_file(args.rows)
-    schema = ctr_schema(embedding_dim=16)
+    funnel = args.worker in FUNNEL_MODELS
+    path = funnel_file(args.rows) if funnel else data_file(args.rows)
+    schema = funnel_schema() if funnel else ctr_schema(embedding_dim=16)
     # the matmul probe's 48 MB of matrices are benchmark apparatus, not the user path: the
     # first half runs before the data is loaded, the second after the peak RSS is read
     configure_runtime(args.threads, True)  # as `mtlrec train` does before reading the data
@@ -178,9 +239,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     row = bench_model(args.worker, pre, ds, args)
     row["peak_rss_mb"] = peak_rss_mb()  # the user path: read, encode, train, predict
     rates += matmul_rate()
+    name, params = ALL_MODELS[args.worker]
     row["flops_per_sample"] = flops_per_sample(
-        build_model(MODELS[args.worker][0], ds.schema, pre.table_sizes(), MODELS[args.worker][1]),
-        ds.take(slice(0, 512)),
+        build_model(name, ds.schema, pre.table_sizes(), params), ds.take(slice(0, 512))
     )
     row.update(encode_s=t_enc, matmul_rates=rates, threads=torch.get_num_threads())
     return row

@@ -114,7 +114,11 @@ def child(mode: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     baseline = _status_kb("VmRSS") / 1024
     if mode == "stream":
         data: Any = StreamingDataset(
-            pre, path, shuffle_buffer=args.shuffle_buffer, read_rows=args.read_rows
+            pre,
+            path,
+            shuffle_buffer=args.shuffle_buffer,
+            read_rows=args.read_rows,
+            prefetch=not args.no_prefetch,
         )
     else:
         import pyarrow as pa
@@ -165,6 +169,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--read-rows", type=int, default=8192)
     ap.add_argument("--row-group", type=int, default=10_000)
+    ap.add_argument(
+        "--no-prefetch", action="store_true", help="encode buffers in the training thread"
+    )
     ap.add_argument("--keep", default=None, help="folder for the Parquet file (kept)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
@@ -176,6 +183,7 @@ def main() -> None:
         *("--memory-rows", str(args.memory_rows), "--hist-len", str(args.hist_len)),
         *("--batch-size", str(args.batch_size), "--shuffle-buffer", str(args.shuffle_buffer)),
         *("--threads", str(args.threads), "--read-rows", str(args.read_rows)),
+        *(["--no-prefetch"] if args.no_prefetch else []),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)

@@ -63,6 +63,11 @@ class DataConfig(BaseModel):
     shuffle_buffer: int = Field(
         default=262_144, ge=1, description="rows shuffled together when streaming"
     )
+    prefetch: bool = Field(
+        default=True,
+        description="when streaming, read and encode the next shuffle buffer in a worker "
+        "thread while the current one is trained on (two buffers in memory instead of one)",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:

@@ -63,6 +63,30 @@ def test_seesaw_flag() -> None:
     assert not seesaw([])
 
 
+def test_seesaw_ignores_gains_within_the_noise() -> None:
+    # +0.02 clear (se 0.005), -0.0001 within 1.96 se (se 0.001): no seesaw
+    assert not seesaw([0.02, -0.0001], [0.005, 0.001])
+    assert seesaw([0.02, -0.01], [0.005, 0.001])
+    assert seesaw([0.02, -0.0001])  # without standard errors the signs decide
+
+
+def test_gain_standard_error_is_welch_and_drives_the_flag() -> None:
+    res = CompareResult(tasks=("x", "y"), primary={"x": "auc", "y": "auc"})
+    res.seeds = [0, 1, 2, 3]
+    res.metrics = {
+        "single_task": {"x": {"auc": [0.70, 0.71, 0.70, 0.71]}, "y": {"auc": [0.9, 0.9, 0.9, 0.9]}},
+        # clearly better on x; on y lower by a hair inside the seed noise
+        "m": {"x": {"auc": [0.75, 0.76, 0.75, 0.76]}, "y": {"auc": [0.91, 0.89, 0.90, 0.8999]}},
+    }
+    se_y = math.sqrt(np.var([0.91, 0.89, 0.90, 0.8999], ddof=1) / 4)
+    assert res.gain_se("m", "y") == pytest.approx(se_y)
+    assert res.gain("m", "y") < 0 and not res.seesaw("m")
+    _, rows = res.table_rows()
+    assert rows[1][3].endswith("*") and not rows[1][4].endswith("*")
+    res.metrics["m"]["y"]["auc"] = [0.80, 0.81, 0.80, 0.81]  # now a clear loss
+    assert res.seesaw("m")
+
+
 def _constructed() -> CompareResult:
     res = CompareResult(tasks=("ctr", "watch"), primary={"ctr": "auc", "watch": "mse"})
     res.seeds = [0, 1, 2]

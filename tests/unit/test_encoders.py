@@ -390,3 +390,73 @@ def test_to_float_rejects_non_numeric_types() -> None:
         to_float(pa.array([[1.0]]), file="f", column="c")
     assert info.value.column == "c"
     assert np.isnan(to_float(pa.array([None, None], pa.null()), file="f", column="c")).all()
+
+
+# -- the integer fast path (lookup_column) gives exactly the ids of the string path ----------
+_TRICKY_VOCAB = [
+    "5",
+    "007",
+    "-0",
+    "abc",
+    "-12",
+    "0",
+    "3.0",
+    " 7",
+    "+8",
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775808",
+    "123456789012345678",
+]
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([5, 7, 0, -12, None, 3, 8, 2**63 - 1, -(2**63), 123456789012345678], pa.int64()),
+        pa.array([5, 0, -12, None], pa.int8()),
+        pa.array([5, 0, 250, 7], pa.uint8()),
+        pa.array([5, 2**64 - 1, None], pa.uint64()),
+        pa.array([5.0, 7.0, None, -12.0, 3.0]),
+        pa.array([5.5, 0.0]),
+        pa.array([5, 0, None], pa.int32()).dictionary_encode(),
+        pa.chunked_array([pa.array([5, 0]), pa.array([-12, None])]),
+    ],
+)
+def test_integer_lookup_matches_string_lookup(column) -> None:
+    enc = CategoricalEncoder(vocab=_TRICKY_VOCAB)
+    fast_ids, fast_unknown = enc.lookup_column(column)
+    ids, unknown = enc.lookup(to_category_strings(column))
+    assert fast_ids.dtype == np.int32
+    assert fast_ids.tolist() == ids.tolist()
+    assert fast_unknown.tolist() == unknown.tolist()
+
+
+def test_integer_lookup_follows_a_refit_vocabulary() -> None:
+    enc = fitted([1, 1, 2])
+    assert enc.lookup_column(pa.array([2, 1]))[0].tolist() == [FIRST_ID + 1, FIRST_ID]
+    enc.fit([to_category_strings(pa.array([2, 2, 1]))])  # a new vocabulary: the cache follows
+    assert enc.lookup_column(pa.array([2, 1]))[0].tolist() == [FIRST_ID, FIRST_ID + 1]
+
+
+def test_integer_sequences_match_their_string_form() -> None:
+    enc = fitted([str(v) for v in [1, 2, 3, 3, 40]])
+    f = SequenceFeature(name="h", max_len=3)
+    ints = pa.array([[1, 2, 3, 40], [3, None, 99], [], None, [2, 1, 3]], pa.list_(pa.int64()))
+    strs = pa.array(
+        [
+            [str(v) if v is not None else None for v in r] if r is not None else None
+            for r in ints.to_pylist()
+        ],
+        pa.list_(pa.string()),
+    )
+    for truncate in ("first", "last"):
+        g = SequenceFeature(name="h", max_len=3, truncate=truncate)
+        a, ua = encode_sequence(enc, g, ints)
+        b, ub = encode_sequence(enc, g, strs)
+        assert a.tolist() == b.tolist() and ua == ub
+    full = pa.array([[1, 2, 3], [40, 3, 2]], pa.list_(pa.int64()))  # the all-full fast path
+    assert encode_sequence(enc, f, full)[0].tolist() == [
+        [int(i) for i in enc.lookup(pa.array(["1", "2", "3"]))[0]],
+        [int(i) for i in enc.lookup(pa.array(["40", "3", "2"]))[0]],
+    ]

@@ -31,3 +31,19 @@ def test_census_example_equals_demo(model: str, tasks: tuple[str, ...] | None) -
     demo = demo_config(model, tasks=tasks)
     keep = {"data", "model", "training", "tasks", "output_dir"}
     assert cfg.model_dump(include=keep) == demo.model_dump(include=keep)
+
+
+def test_census_params_file_of_the_seesaw_benchmark_matches_the_examples() -> None:
+    """benchmarks/census_arch_params.yaml (for `mtlrec compare --model-params`) holds every
+    census example's model.params, so the recorded seesaw table is the examples' models."""
+    import yaml
+
+    params = yaml.safe_load(
+        (EXAMPLES.parent / "benchmarks" / "census_arch_params.yaml").read_text()
+    )
+    seen = set()
+    for path in sorted((EXAMPLES / "census").glob("*.yaml")):
+        cfg = ExperimentConfig.load(path)
+        seen.add(cfg.model.name)
+        assert params[cfg.model.name] == cfg.model.params, path.name
+    assert set(params) == seen

@@ -613,6 +613,19 @@ def test_train_run_writes_resumes_and_reloads(tmp_path: Path) -> None:
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_run_saved_before_a_config_key_existed_is_the_same_run(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = _run_config(tmp_path, epochs=1)
+    out = tmp_path / "run"
+    train_run(cfg)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["data"]["prefetch"]  # as written by a version without the key (default value)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    again = train_run(_run_config(tmp_path, epochs=1))  # read back, not refused
+    assert again.fit.epochs_run == 1
+
+
 def test_train_run_refuses_a_changed_config_unless_overwritten(tmp_path: Path) -> None:
     cfg = _run_config(tmp_path, epochs=1)
     out = tmp_path / "run"

@@ -7,7 +7,11 @@ and ``gain = M_single - M_mtl`` for a loss-like metric (MSE, MAE, logloss), so a
 always an improvement. The means over seeds are compared.
 
 **Seesaw**: a model shows the seesaw phenomenon when it gains on at least one task and loses on
-at least another (some gain > 0 and some gain < 0).
+at least another. With several seeds a gain only counts when it is larger than the noise of the
+two means: ``|gain| > z * se`` with ``se = sqrt(sd_model^2 / n_model + sd_single^2 / n_single)``
+(Welch's standard error of the difference of the means, ``z`` = :data:`SEESAW_Z` = 1.96, a two-
+sided 95% level); a gain within the noise is shown without a sign marker and neither gains nor
+loses. With one seed there is no noise estimate and the signs decide.
 
 Every (model, seed) is one run folder trained by :func:`mtlrec.train.run.train_run`: its epoch
 is selected on the validation split only, then the test split is scored once. The single-task
@@ -52,10 +56,24 @@ def mtl_gain(value: float, baseline: float, metric: str) -> float:
     return d if higher_is_better(metric) else -d
 
 
-def seesaw(gains: Sequence[float]) -> bool:
-    """Whether some gain is positive and another negative (NaN gains are ignored)."""
-    g = [x for x in gains if not math.isnan(x)]
-    return bool(g) and max(g) > 0 > min(g)
+SEESAW_Z = 1.96
+
+
+def clear_sign(gain: float, se: float = 0.0, z: float = SEESAW_Z) -> int:
+    """+1 / -1 for a gain / loss beyond ``z`` standard errors ``se``; 0 within the noise (or
+    NaN)."""
+    if math.isnan(gain) or abs(gain) <= z * (0.0 if math.isnan(se) else se):
+        return 0
+    return 1 if gain > 0 else -1
+
+
+def seesaw(gains: Sequence[float], ses: Sequence[float] | None = None) -> bool:
+    """Whether some gain is clearly positive and another clearly negative (see
+    :func:`clear_sign`; without ``ses`` the signs decide; NaN gains are ignored)."""
+    signs = [
+        clear_sign(g, 0.0 if ses is None else e) for g, e in zip(gains, ses or gains, strict=True)
+    ]
+    return 1 in signs and -1 in signs
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -104,8 +122,24 @@ class CompareResult:
     def gains(self, model: str) -> dict[str, float]:
         return {t: self.gain(model, t) for t in self.tasks}
 
+    def gain_se(self, model: str, task: str, metric: str | None = None) -> float:
+        """Standard error of :meth:`gain` (Welch: the two means' variances over their seed
+        counts); NaN without a baseline, 0 with single runs."""
+        metric = metric or self.primary[task]
+        if BASELINE not in self.metrics:
+            return math.nan
+        var = 0.0
+        for m in (model, BASELINE):
+            vals = [v for v in self.values(m, task, metric) if v is not None]
+            if len(vals) > 1:
+                var += float(np.var(vals, ddof=1)) / len(vals)
+        return math.sqrt(var)
+
     def seesaw(self, model: str) -> bool:
-        return model != BASELINE and seesaw(list(self.gains(model).values()))
+        if model == BASELINE:
+            return False
+        gains = [self.gain(model, t) for t in self.tasks]
+        return seesaw(gains, [self.gain_se(model, t) for t in self.tasks])
 
     def extra_metrics(self) -> list[str]:
         """Metrics shown besides the primary one (GAUC when the data has a group column)."""
@@ -122,6 +156,7 @@ class CompareResult:
                     mu, sd = mean_sd(self.metrics[m][t][metric])
                     row[metric] = {"mean": _num(mu), "sd": _num(sd)}
                 row["gain"] = None if m == BASELINE else _num(self.gain(m, t))
+                row["gain_se"] = None if m == BASELINE else _num(self.gain_se(m, t))
                 summary[m][t] = row
             summary[m]["seesaw"] = self.seesaw(m)
         return {
@@ -177,7 +212,10 @@ class CompareResult:
             if m == BASELINE:
                 row += ["—"] * len(self.tasks) + [""]
             else:
-                row += [_fmt_gain(self.gain(m, t)) for t in self.tasks]
+                for t in self.tasks:
+                    g = self.gain(m, t)
+                    clear = clear_sign(g, self.gain_se(m, t)) != 0 and len(self.seeds) > 1
+                    row.append(_fmt_gain(g) + (" *" if clear else ""))
                 row.append("yes" if self.seesaw(m) else "no")
             rows.append(row)
         return header, rows
@@ -189,8 +227,9 @@ class CompareResult:
             "",
             "Test metrics, mean ± sd over seeds; each run's epoch selected on the validation "
             "split. Gain: the PLE paper's MTL gain over the single-task baseline "
-            "(sign flipped for MSE, so > 0 is better). Seesaw: gains on one task, loses on "
-            "another.",
+            "(sign flipped for MSE, so > 0 is better); * marks a gain beyond 1.96 standard "
+            "errors of the difference of the means. Seesaw: a clear gain on one task and a "
+            "clear loss on another.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "|".join("---" for _ in header) + "|",

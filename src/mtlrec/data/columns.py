@@ -60,25 +60,57 @@ def to_float(array: pa.Array | pa.ChunkedArray, *, file: str, column: str) -> np
     return out.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
 
 
+def _decoded(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    arr = combine(array)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    return arr
+
+
+def _integral_floats_as_ints(arr: pa.Array) -> pa.Array | None:
+    """A float column whose values are all integers a float holds exactly, as int64."""
+    valid = pc.drop_null(arr)
+    finite = pc.is_finite(valid)
+    if len(valid) and pc.all(finite).as_py():
+        integral = pc.all(pc.equal(valid, pc.floor(valid))).as_py()
+        exact = pc.max(pc.abs(valid)).as_py() < 2.0**53  # integers a float holds exactly
+        if integral and exact:
+            return pc.cast(arr, pa.int64())
+    return None
+
+
+def to_category_ints(array: pa.Array | pa.ChunkedArray) -> pa.Array | None:
+    """Categorical values as int64 when they are integers (nulls kept), else ``None``.
+
+    An integer column, or a float column of integral values, whose string forms are what
+    :func:`to_category_strings` gives: the two agree on every value, so an integer lookup
+    (no string conversion) finds exactly the ids the string lookup would.
+    """
+    arr = _decoded(array)
+    t = arr.type
+    if pa.types.is_signed_integer(t):
+        return arr if t == pa.int64() else pc.cast(arr, pa.int64())
+    if pa.types.is_unsigned_integer(t):
+        if t == pa.uint64() and len(arr) and (pc.max(arr).as_py() or 0) >= 2**63:
+            return None
+        return pc.cast(arr, pa.int64())
+    if pa.types.is_floating(t):
+        return _integral_floats_as_ints(arr)
+    return None
+
+
 def to_category_strings(array: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Categorical values as strings (nulls kept); integral floats print as integers."""
-    arr = combine(array)
+    arr = _decoded(array)
     t = arr.type
-    if pa.types.is_dictionary(t):
-        arr = arr.cast(t.value_type)
-        t = arr.type
     if pa.types.is_string(t):
         return arr
     if pa.types.is_large_string(t):
         return arr.cast(pa.string())
     if pa.types.is_floating(t):
-        valid = pc.drop_null(arr)
-        finite = pc.is_finite(valid)
-        if len(valid) and pc.all(finite).as_py():
-            integral = pc.all(pc.equal(valid, pc.floor(valid))).as_py()
-            exact = pc.max(pc.abs(valid)).as_py() < 2.0**53  # integers a float holds exactly
-            if integral and exact:
-                arr = pc.cast(arr, pa.int64())
+        ints = _integral_floats_as_ints(arr)
+        if ints is not None:
+            arr = ints
     try:
         return pc.cast(arr, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

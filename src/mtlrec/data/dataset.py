@@ -9,7 +9,7 @@ per rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -123,8 +123,8 @@ class ColumnarDataset:
             else:
                 yield self.take(order[lo:hi])
 
-    def subset(self, idx: Tensor) -> ColumnarDataset:
-        """A new data set holding the given rows (copies)."""
+    def subset(self, idx: Tensor | slice) -> ColumnarDataset:
+        """A new data set holding the given rows (copies; views for a slice)."""
 
         def sel(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[idx]
@@ -141,6 +141,46 @@ class ColumnarDataset:
             self.source,
             dict(self.unknown_counts),
         )
+
+    def rows(self, start: int, stop: int) -> ColumnarDataset:
+        """Rows ``start:stop`` as a data set of views (no copy)."""
+        return self.subset(slice(start, stop))
+
+    def empty_like(
+        self, n: int, allocate: Callable[[tuple[int, ...], torch.dtype], Tensor] | None = None
+    ) -> ColumnarDataset:
+        """An uninitialised data set of ``n`` rows with this one's columns (fill it with
+        :meth:`put`); ``allocate(shape, dtype)`` makes each column (default ``torch.empty``)."""
+        make = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+
+        def new(t: Tensor | None) -> Tensor | None:
+            return None if t is None else make((n, *t.shape[1:]), t.dtype)
+
+        return ColumnarDataset(
+            self.schema,
+            new(self.sparse),  # type: ignore[arg-type]
+            new(self.dense),  # type: ignore[arg-type]
+            {k: new(v) for k, v in self.sequences.items()},  # type: ignore[misc]
+            new(self.labels),
+            new(self.masks),
+            new(self.weights),
+            new(self.groups),
+            self.source,
+            {},
+        )
+
+    def put(self, idx: Tensor, src: ColumnarDataset) -> None:
+        """Write the rows of ``src`` at row indices ``idx`` (in place; unknown counts add)."""
+        for name in ("sparse", "dense", "labels", "masks", "weights", "groups"):
+            dst, val = getattr(self, name), getattr(src, name)
+            if (dst is None) != (val is None):
+                raise ValueError(f"column {name} is present in only one of the data sets")
+            if dst is not None:
+                dst[idx] = val
+        for k, v in self.sequences.items():
+            v[idx] = src.sequences[k]
+        for k, c in src.unknown_counts.items():
+            self.unknown_counts[k] = self.unknown_counts.get(k, 0) + c
 
     @classmethod
     def concat(cls, parts: list[ColumnarDataset], *, consume: bool = False) -> ColumnarDataset:

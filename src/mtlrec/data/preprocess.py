@@ -106,8 +106,8 @@ class Preprocessor:
         with rows_offset(row_offset):
             sparse = np.zeros((n, len(s.sparse)), dtype=np.int32)
             for j, f in enumerate(s.sparse):
-                col = to_category_strings(table.column(f.source))
-                sparse[:, j], unknown[f.name] = self.tables[f.table_name].lookup(col)
+                col = table.column(f.source)
+                sparse[:, j], unknown[f.name] = self.tables[f.table_name].lookup_column(col)
             dense = np.zeros((n, len(s.dense)), dtype=np.float32)
             for j, fd in enumerate(s.dense):
                 dense[:, j] = self.dense[fd.name].encode(

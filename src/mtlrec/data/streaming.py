@@ -18,7 +18,11 @@ file's metadata before any row is read; so:
   row group it encodes only the rows of its shares.
 
 Memory: one row group's raw columns (read in slices of ``read_rows``) plus one encoded shuffle
-buffer. Write the file with row groups smaller than the shuffle buffer (e.g. pyarrow's
+buffer, or two with ``prefetch`` (the next buffer is encoded by a worker thread meanwhile). Each
+buffer is allocated once, as memory maps that go back to the OS when it is used up
+(:func:`~mtlrec.utils.runtime.mapped_empty`); every encoded slice is written straight to its
+shuffled place in it; the last batch of a buffer is a copy, so the training loop never keeps a
+used buffer alive. Write the file with row groups smaller than the shuffle buffer (e.g. pyarrow's
 ``row_group_size=100_000``) so that the order of row groups is itself shuffled.
 
 Rows of a hash split (``split = (fractions, seed)``) are the rows whose
@@ -29,7 +33,8 @@ Rows of a hash split (``split = (fractions, seed)``) are the rows whose
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +51,7 @@ from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.split import hash_part
 from mtlrec.data.stream import BATCH_ROWS
 from mtlrec.errors import ConfigError, DataError
-from mtlrec.utils.runtime import mmap_large_blocks
+from mtlrec.utils.runtime import mapped_empty, mmap_large_blocks
 
 if TYPE_CHECKING:
     from mtlrec.config import ExperimentConfig
@@ -77,6 +82,8 @@ class StreamingDataset:
         shuffle_buffer: rows permuted together (at least; whole row groups are added).
         read_rows: rows decoded from the file at a time.
         rank, world_size: this process's share of every global batch.
+        prefetch: read and encode the next shuffle buffer in a worker thread while the
+            current one is trained on (two buffers in memory instead of one).
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class StreamingDataset:
         read_rows: int = BATCH_ROWS,
         rank: int = 0,
         world_size: int = 1,
+        prefetch: bool = True,
     ) -> None:
         p = Path(path)
         if not p.is_file():
@@ -110,6 +118,7 @@ class StreamingDataset:
         self.shuffle_buffer = shuffle_buffer
         self.read_rows = read_rows
         self.rank, self.world_size = rank, world_size
+        self.prefetch = prefetch
         try:
             pf = pq.ParquetFile(p)
         except (pa.ArrowInvalid, OSError) as e:
@@ -159,37 +168,74 @@ class StreamingDataset:
         if start >= nb:
             return
         lo_b, hi_b = self._shares(batch_size, n)  # this rank's [lo, hi) of every batch
-        # this rank's rows, as a concatenation of ranges of the epoch's sequence
-        begin = start * batch_size
-        carry: ColumnarDataset | None = None
-        b = start
-        for buf in self._plan(shuffle, seed, epoch):
-            end = buf.begin + buf.size
-            if end <= begin:
-                continue
+        begin = start * batch_size  # rows before it were yielded before a resume
+
+        def job(buf: _Buffer) -> ColumnarDataset:
             # positions (in the buffer) this rank needs, in order
+            end = buf.begin + buf.size
             first = int(np.searchsorted(hi_b, buf.begin, side="right"))
             last = int(np.searchsorted(lo_b, end, side="left"))
             pos = _ranges(
                 np.maximum(lo_b[first:last], max(buf.begin, begin)) - buf.begin,
                 np.minimum(hi_b[first:last], end) - buf.begin,
             )
-            enc = self._encode_buffer(buf, pos, shuffle, seed, epoch)
-            with mmap_large_blocks():  # a buffer's blocks must not fragment training's heap
-                carry = enc if carry is None else ColumnarDataset.concat([carry, enc], consume=True)
-            del enc
-            offset = 0
-            while b < nb and hi_b[b] <= end:
-                k = max(int(hi_b[b] - max(lo_b[b], begin)), 0)
-                yield carry.take(slice(offset, offset + k))
-                offset += k
-                b += 1
-            if offset:
-                with mmap_large_blocks():
-                    rest = torch.arange(offset, len(carry))
-                    carry = carry.subset(rest) if len(rest) else None
-            if b >= nb:
-                return
+            return self._encode_buffer(buf, pos, shuffle, seed, epoch)
+
+        plan = [buf for buf in self._plan(shuffle, seed, epoch) if buf.begin + buf.size > begin]
+        # rows encoded but not yet yielded: (data set, first unused row), oldest first
+        pending: list[tuple[ColumnarDataset, int]] = []
+        b = start
+        encoded = self._encoded(plan, job)
+        try:
+            for buf in plan:
+                # (not zip(plan, encoded): zip keeps its last result tuple, and with it the
+                # previous buffer, alive while the next one is encoded)
+                pending.append((next(encoded), 0))
+                end = buf.begin + buf.size
+                while b < nb and hi_b[b] <= end:
+                    k = max(int(hi_b[b] - max(lo_b[b], begin)), 0)
+                    # the buffer's last batch is a copy: the training loop still holds it
+                    # while the next buffer is encoded, and a view would keep this buffer alive
+                    last = b + 1 >= nb or hi_b[b + 1] > end
+                    yield _take_front(pending, k, copy=last)
+                    b += 1
+                if b >= nb:
+                    return
+                # the few rows left for a batch that straddles into the next buffer: copied,
+                # so that this buffer is freed before the next is encoded
+                pending = [
+                    (ColumnarDataset.concat([ds.rows(at, len(ds))]), 0) for ds, at in pending
+                ]
+        finally:
+            encoded.close()
+
+    def _encoded(
+        self, plan: list[_Buffer], job: Callable[[_Buffer], ColumnarDataset]
+    ) -> Iterator[ColumnarDataset]:
+        """``job(buf)`` for every buffer of the plan, in order; with ``prefetch`` the next
+        buffer is read and encoded by a worker thread while the current one is trained on
+        (reading, decoding and most of encoding release the GIL), so at most two encoded
+        buffers are alive."""
+        if not self.prefetch or len(plan) < 2:
+            for buf in plan:
+                with mmap_large_blocks():  # a buffer's blocks must not fragment training's heap
+                    out = job(buf)
+                yield out
+                del out
+            return
+        # the buffers themselves are memory maps (mapped_empty); the worker's small
+        # temporaries come from its own malloc arena, apart from training's heap
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlrec-stream")
+        try:
+            nxt = pool.submit(job, plan[0])
+            for i in range(len(plan)):
+                out = nxt.result()
+                if i + 1 < len(plan):
+                    nxt = pool.submit(job, plan[i + 1])
+                yield out
+                del out
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # -- internals ------------------------------------------------------------------------
     def _keep(self, g: int) -> np.ndarray:
@@ -227,40 +273,44 @@ class StreamingDataset:
             plan.append(_Buffer(tuple(pending), begin, size, len(plan)))
         return plan
 
-    @mmap_large_blocks()  # the buffers of reading and encoding go back to the OS when freed
     def _encode_buffer(
         self, buf: _Buffer, pos: np.ndarray, shuffle: bool, seed: int, epoch: int
     ) -> ColumnarDataset:
-        """Encode the rows at buffer positions ``pos`` (in that order)."""
+        """Encode the rows at buffer positions ``pos`` (in that order).
+
+        Rows are read in file order and every encoded slice is written straight to its place
+        in the output, so the buffer is held once (no concatenation, no permuting copy).
+        """
         if shuffle:
             perm = _generator(seed, epoch, 2, buf.index).permutation(buf.size)
             src = perm[pos]  # source row (within the buffer's row groups, in reading order)
         else:
             src = pos
-        order = np.argsort(src, kind="stable")
+        order = np.argsort(src, kind="stable")  # the j-th row read goes to output order[j]
         wanted = src[order]
-        pieces: list[ColumnarDataset] = []
+        dest = torch.from_numpy(order)
+        out: ColumnarDataset | None = None
+        done = 0
         pf = pq.ParquetFile(self.path)
         base = 0  # buffer source index of the current row group's first kept row
         for g in buf.groups:
             count = int(self._group_rows[g])
             a, z = np.searchsorted(wanted, [base, base + count])
             if z > a:
-                pieces.append(self._read_rows(pf, g, wanted[a:z] - base))
+                for piece in self._read_rows(pf, g, wanted[a:z] - base):
+                    if out is None:  # mapped: freed to the OS from whichever thread
+                        out = piece.empty_like(len(pos), mapped_empty)
+                    out.put(dest[done : done + len(piece)], piece)
+                    done += len(piece)
             base += count
-        if not pieces:
-            return self._empty()
-        enc = ColumnarDataset.concat(pieces, consume=True)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return enc.subset(torch.from_numpy(inverse))
+        return self._empty() if out is None else out
 
-    def _read_rows(self, pf: pq.ParquetFile, g: int, rows: np.ndarray) -> ColumnarDataset:
-        """Encode the given kept rows (sorted indices among the part's rows) of row group g."""
+    def _read_rows(self, pf: pq.ParquetFile, g: int, rows: np.ndarray) -> Iterator[ColumnarDataset]:
+        """Encoded slices of the given kept rows (sorted indices among the part's rows) of row
+        group g, in order."""
         keep = self._keep(g)
         kept_index = np.flatnonzero(keep)  # row-group rows of the part
         want = kept_index[rows]  # row-group row numbers to encode (sorted)
-        pieces: list[ColumnarDataset] = []
         offset = 0
         file_row = int(self._group_start[g])
         try:
@@ -269,22 +319,42 @@ class StreamingDataset:
             ):
                 a, z = np.searchsorted(want, [offset, offset + rb.num_rows])
                 if z > a:
-                    table = pa.Table.from_batches([rb]).take(pa.array(want[a:z] - offset))
+                    table = pa.Table.from_batches([rb])
+                    if z - a < rb.num_rows:
+                        table = table.take(pa.array(want[a:z] - offset))
                     enc = self.pre.encode(
                         table, file=self.source, targets=True, row_offset=file_row + offset
                     )
                     for k, v in enc.unknown_counts.items():
                         self.unknown_counts[k] = self.unknown_counts.get(k, 0) + v
-                    pieces.append(enc)
+                    yield enc
                 offset += rb.num_rows
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
             raise DataError(f"cannot read: {str(e).splitlines()[0]}", file=self.source) from None
-        return ColumnarDataset.concat(pieces, consume=True)
 
     def _empty(self) -> ColumnarDataset:
         pf = pq.ParquetFile(self.path)
         table = pf.schema_arrow.empty_table().select(self.columns)
         return self.pre.encode(table, file=self.source, targets=True)
+
+
+def _take_front(pending: list[tuple[ColumnarDataset, int]], k: int, *, copy: bool) -> Batch:
+    """The batch of the next ``k`` pending rows: views of a buffer, or (``copy``, or rows of
+    two buffers) a copy. Consumed buffers leave ``pending``."""
+    parts: list[ColumnarDataset] = []
+    while k > 0 or not parts:
+        ds, at = pending[0]
+        m = min(k, len(ds) - at)
+        parts.append(ds.rows(at, at + m))
+        k -= m
+        if at + m >= len(ds):
+            pending.pop(0)
+            if not pending:
+                break
+        else:
+            pending[0] = (ds, at + m)
+    one = ColumnarDataset.concat(parts) if copy or len(parts) > 1 else parts[0]
+    return one.take(slice(0, len(one)))
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -363,7 +433,9 @@ def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Da
     if d.valid:
         if pre is None:
             pre = fit_file(schema, train_path)
-        train = StreamingDataset(pre, train_path, shuffle_buffer=d.shuffle_buffer)
+        train = StreamingDataset(
+            pre, train_path, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
+        )
         valid = encode_file(pre, cfg.resolve_path(d.valid), delimiter=d.delimiter)[0]
         test = (
             encode_file(pre, cfg.resolve_path(d.test), delimiter=d.delimiter)[0] if d.test else None
@@ -378,7 +450,9 @@ def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Da
     spec = (fractions, split.seed)
     if pre is None:
         pre = fit_file(schema, train_path, split=spec)
-    train = StreamingDataset(pre, train_path, split=spec, shuffle_buffer=d.shuffle_buffer)
+    train = StreamingDataset(
+        pre, train_path, split=spec, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
+    )
     parts = encode_other_parts(pre, train_path, spec)
     names = {k: f"{d.train}[{k} split]" for k in SPLITS}
     if d.test:

@@ -18,7 +18,6 @@ import pyarrow as pa
 import torch
 
 from mtlrec.batch import Features
-from mtlrec.data.columns import to_category_strings
 from mtlrec.data.encoders import sequence_ids
 from mtlrec.data.preprocess import Preprocessor
 from mtlrec.errors import CheckpointError
@@ -122,7 +121,7 @@ class Scorer:
         unknown: dict[str, int] = {}
         sparse = np.empty((n, len(s.sparse)), dtype=np.int32)
         for j, f in enumerate(s.sparse):
-            ids, unk = pre.tables[f.table_name].lookup(to_category_strings(arrays[f.source]))
+            ids, unk = pre.tables[f.table_name].lookup_column(arrays[f.source])
             sparse[:, j] = ids  # [n] or [1] broadcast
             unknown[f.name] = int(np.sum(unk))
         dense = np.empty((n, len(s.dense)), dtype=np.float32)

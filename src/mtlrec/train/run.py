@@ -16,6 +16,7 @@ optimiser state are restored, so the result equals an uninterrupted run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def _check_same_run(out: Path, cfg: ExperimentConfig) -> None:
     saved = yaml.safe_load((out / "config.yaml").read_text())
+    # a key added since (with its default) does not make it another config; a config this
+    # version cannot read is compared as saved (and so differs)
+    with contextlib.suppress(ConfigError):
+        saved = yaml.safe_load(ExperimentConfig.from_dict(saved).to_yaml())
     now = yaml.safe_load(cfg.to_yaml())
     if _comparable(saved) != _comparable(now):
         raise ConfigError(

@@ -24,6 +24,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _TUNED_MMAP = 1 << 30
 _GLIBC_MMAP = 128 * 1024  # glibc's initial threshold
+_MIN_MAPPED = 1 << 20
 _done = False
 _loading_depth = 0
 
@@ -107,3 +108,25 @@ def release_memory() -> None:
         pa.default_memory_pool().release_unused()
     except ImportError:
         pass
+
+
+def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in its own anonymous memory map (large ones; small ones as
+    usual), whatever the allocator's settings or the calling thread.
+
+    Its pages go back to the OS as soon as the tensor is freed. For buffers that are made in
+    one thread and freed in another, or that must not stay in a heap kept for reuse by
+    :func:`tune_allocator` (e.g. the shuffle buffers of streaming training).
+    """
+    import math
+    import mmap
+
+    import numpy as np
+
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if count * itemsize < _MIN_MAPPED:
+        return torch.empty(shape, dtype=dtype)
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    arr = np.frombuffer(mmap.mmap(-1, count * itemsize), dtype=np_dtype, count=count)
+    return torch.from_numpy(arr.reshape(shape))

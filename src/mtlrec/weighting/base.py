@@ -42,10 +42,11 @@ class GradParams(BaseModel):
         "representation (the tensor the towers read, ModelOutput.tower_inputs; MGDA-UB)",
     )
     include_embeddings: bool = Field(
-        default=True,
-        description="take per-task gradients of the embedding tables too (their size: "
-        "[T, rows*dim]); off (for very large tables): the tables get the plain sum of the task "
-        "gradients, only the dense shared parameters get the strategy's combination",
+        default=False,
+        description="take per-task gradients of the embedding tables too (the papers' 'all "
+        "shared parameters'; their size: [T, rows*dim] every step). Off (default): the tables "
+        "get the plain sum of the task gradients and the dense shared layers the strategy's "
+        "combination, which keeps the step within 2x of static weights on census",
     )
 
 
@@ -62,7 +63,7 @@ class Weighting(nn.Module, ABC):
     needs_grads: ClassVar[bool] = False
     needs_outputs: ClassVar[bool] = False
     grad_target: Literal["parameters", "representation"] = "parameters"
-    include_embeddings: bool = True
+    include_embeddings: bool = False
     #: learning rate of the strategy's own parameters (None: the optimiser's)
     param_lr: float | None = None
     paper: ClassVar[str] = ""
