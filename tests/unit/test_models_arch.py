@@ -267,10 +267,14 @@ def test_fm_rejects_an_unknown_task() -> None:
 
 
 # -- task chaining -------------------------------------------------------------------------------
+CHAINABLE = ["cross_stitch", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "ml_mmoe", "stem"]
+
+
+@pytest.mark.parametrize("name", CHAINABLE)
 @pytest.mark.parametrize("detach", [True, False])
-def test_chained_task_reads_the_source_prediction(detach: bool) -> None:
+def test_chained_task_reads_the_source_prediction(name: str, detach: bool) -> None:
     pre, ds = data()
-    model = build("cross_stitch", chain={"watch": "click"}, chain_detach=detach)
+    model = build(name, chain={"watch": "click"}, chain_detach=detach)
     b = ds.take(slice(0, 64))
     out = model(b.features)
     x = out.tower_inputs["watch"]

@@ -10,6 +10,7 @@ from torch import nn
 from mtlrec.batch import Features
 from mtlrec.models.base import ModelOutput, MultiTaskModel, params_of
 from mtlrec.models.moe import GatedParams
+from mtlrec.models.options import heads_kwargs
 from mtlrec.nn.embedding import FeatureLayout
 from mtlrec.nn.extraction import StackedMoELevel
 from mtlrec.nn.heads import TaskHeads
@@ -57,9 +58,7 @@ class MLMMoE(MultiTaskModel):
             )
             for i in range(p.num_levels)
         )
-        self.heads = TaskHeads(
-            self.tasks, width, p.tower_hidden, activation=p.activation, dropout=p.dropout
-        )
+        self.heads = TaskHeads(self.tasks, width, p.tower_hidden, **heads_kwargs(p))
 
     def forward(self, features: Features) -> ModelOutput:
         h = self.embedding(features).flat  # [B, D]
@@ -70,9 +69,9 @@ class MLMMoE(MultiTaskModel):
             routed.append(g)
             prefix = "" if i == last else f"level{i}."
             gates |= {prefix + t: g.weights[j] for j, t in enumerate(self.task_names)}
-        reps = {t: h[j] for j, t in enumerate(self.task_names)}
         aux = self.params.gate_aux(routed)  # type: ignore[attr-defined]
-        return ModelOutput(self.heads(h), gates=gates, tower_inputs=reps, aux_losses=aux)
+        logits, read = self.heads.run(h)
+        return ModelOutput(logits, gates=gates, tower_inputs=read, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])

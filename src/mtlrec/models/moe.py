@@ -10,7 +10,8 @@ from pydantic import Field
 from torch import nn
 
 from mtlrec.batch import Features
-from mtlrec.models.base import ModelOutput, ModelParams, MultiTaskModel, params_of
+from mtlrec.models.base import ModelOutput, MultiTaskModel, params_of
+from mtlrec.models.options import ChainParams, heads_kwargs
 from mtlrec.nn.embedding import FeatureLayout
 from mtlrec.nn.experts import ExpertBank
 from mtlrec.nn.gates import Gate, GateOutput, gate_penalty
@@ -20,7 +21,7 @@ from mtlrec.registry import MODELS
 from mtlrec.schema import TaskSpec
 
 
-class GatedParams(ModelParams):
+class GatedParams(ChainParams):
     """Gate options shared by every gated model (see ``docs/gated.md``)."""
 
     gate_hidden: tuple[int, ...] = ()
@@ -75,13 +76,7 @@ class _MoEBase(MultiTaskModel):
         self.gates = nn.ModuleDict(
             {g: Gate(d_in, p.num_experts, **p.gate_options()) for g in self.gate_names}
         )
-        self.heads = TaskHeads(
-            self.tasks,
-            p.expert_hidden[-1],
-            p.tower_hidden,
-            activation=p.activation,
-            dropout=p.dropout,
-        )
+        self.heads = TaskHeads(self.tasks, p.expert_hidden[-1], p.tower_hidden, **heads_kwargs(p))
 
     def _gate_and_mix(self, features: Features) -> tuple[dict, torch.Tensor, dict]:
         x = self.embedding(features).flat  # [B, D]
@@ -109,8 +104,8 @@ class MMoE(_MoEBase):
 
     def forward(self, features: Features) -> ModelOutput:
         gates, mixed, aux = self._gate_and_mix(features)  # mixed: [T, B, H]
-        reps = {t: mixed[i] for i, t in enumerate(self.task_names)}
-        return ModelOutput(self.heads(mixed), gates=gates, tower_inputs=reps, aux_losses=aux)
+        logits, read = self.heads.run(mixed)
+        return ModelOutput(logits, gates=gates, tower_inputs=read, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.gates[task], self.heads.towers[task])
@@ -131,8 +126,8 @@ class OMoE(_MoEBase):
     def forward(self, features: Features) -> ModelOutput:
         gates, mixed, aux = self._gate_and_mix(features)  # mixed: [1, B, H]
         h = mixed[0]
-        reps = {t: h for t in self.task_names}
-        return ModelOutput(self.heads(h), gates=gates, tower_inputs=reps, aux_losses=aux)
+        logits, read = self.heads.run(h)
+        return ModelOutput(logits, gates=gates, tower_inputs=read, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])

@@ -14,6 +14,7 @@ from torch import nn
 from mtlrec.batch import Features
 from mtlrec.models.base import ModelOutput, MultiTaskModel, params_of
 from mtlrec.models.moe import GatedParams
+from mtlrec.models.options import heads_kwargs
 from mtlrec.nn.embedding import FeatureLayout
 from mtlrec.nn.extraction import ExtractionLevel
 from mtlrec.nn.heads import TaskHeads
@@ -56,9 +57,7 @@ class _Extraction(MultiTaskModel):
             )
             for i in range(levels)
         )
-        self.heads = TaskHeads(
-            self.tasks, width, p.tower_hidden, activation=p.activation, dropout=p.dropout
-        )
+        self.heads = TaskHeads(self.tasks, width, p.tower_hidden, **heads_kwargs(p))
 
     def forward(self, features: Features) -> ModelOutput:
         h = self.embedding(features).flat  # [B, D]
@@ -72,9 +71,9 @@ class _Extraction(MultiTaskModel):
                 gates[prefix + t] = outs[0].weights[j]  # [B, m + s]
             if len(outs) > 1:
                 gates[f"{prefix}shared"] = outs[1].weights  # [B, E]
-        reps = {t: h[j] for j, t in enumerate(self.task_names)}  # h: [T, B, H]
         aux = self.params.gate_aux(routed)  # type: ignore[attr-defined]
-        return ModelOutput(self.heads(h), gates=gates, tower_inputs=reps, aux_losses=aux)
+        logits, read = self.heads.run(h)
+        return ModelOutput(logits, gates=gates, tower_inputs=read, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         # experts and gates of a level are stacked tensors shared by all tasks' slices

@@ -8,7 +8,8 @@ from pydantic import Field
 from torch import nn
 
 from mtlrec.batch import Features
-from mtlrec.models.base import ModelOutput, ModelParams, MultiTaskModel, params_of
+from mtlrec.models.base import ModelOutput, MultiTaskModel, params_of
+from mtlrec.models.options import ChainParams, heads_kwargs
 from mtlrec.nn.embedding import FeatureLayout
 from mtlrec.nn.heads import TaskHeads
 from mtlrec.nn.mlp import MLP
@@ -16,7 +17,7 @@ from mtlrec.registry import MODELS
 from mtlrec.schema import TaskSpec
 
 
-class SharedBottomParams(ModelParams):
+class SharedBottomParams(ChainParams):
     bottom_hidden: tuple[int, ...] = Field(default=(256, 128), min_length=1)
 
 
@@ -40,17 +41,12 @@ class SharedBottom(MultiTaskModel):
         self.bottom = MLP(
             self.embedding.out_dim, p.bottom_hidden, activation=p.activation, dropout=p.dropout
         )
-        self.heads = TaskHeads(
-            self.tasks,
-            p.bottom_hidden[-1],
-            p.tower_hidden,
-            activation=p.activation,
-            dropout=p.dropout,
-        )
+        self.heads = TaskHeads(self.tasks, p.bottom_hidden[-1], p.tower_hidden, **heads_kwargs(p))
 
     def forward(self, features: Features) -> ModelOutput:
         h = self.bottom(self.embedding(features).flat)  # [B, H]
-        return ModelOutput(self.heads(h), tower_inputs={t: h for t in self.task_names})
+        logits, read = self.heads.run(h)
+        return ModelOutput(logits, tower_inputs=read)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])

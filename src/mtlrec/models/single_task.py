@@ -52,7 +52,8 @@ class SingleTask(MultiTaskModel):
 
     def forward(self, features: Features) -> ModelOutput:
         reps = {t: self.bottoms[t](self.embeddings[t](features).flat) for t in self.task_names}
-        return ModelOutput(self.heads(reps), tower_inputs=reps)
+        logits, read = self.heads.run(reps)
+        return ModelOutput(logits, tower_inputs=read)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.embeddings[task], self.bottoms[task], self.heads.towers[task])
