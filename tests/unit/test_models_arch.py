@@ -203,6 +203,29 @@ def test_recurrent_bank_equals_torch_rnn(cell: str) -> None:
         torch.testing.assert_close(final[k], y[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_fused_recurrence_equals_the_stepwise_one(cell: str, shared_input: bool) -> None:
+    """Prefix masks take the fused ATen path; it must give the step-wise recurrence's states
+    (padding repeats the last state, empty rows stay zero) and its gradients."""
+    torch.manual_seed(1)
+    bank = SequenceExpertBank(3, 4, 5, cell=cell, shared_input=shared_input)
+    lengths = torch.tensor([7, 0, 3, 1, 7, 5])
+    mask = torch.arange(7)[None, :] < lengths[:, None]  # [6, 7], a prefix per row
+    shape = (6, 7, 4) if shared_input else (3, 6, 7, 4)
+    x = torch.randn(*shape, requires_grad=True)
+    fused = bank(x, mask)
+    stepwise = bank._stepwise(x, mask)
+    for a, b in zip(fused, stepwise, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(fused[0])
+    params = [x, *bank.parameters()]
+    ga = torch.autograd.grad((fused[0] * w).sum() + fused[1].sum(), params)
+    gb = torch.autograd.grad((stepwise[0] * w).sum() + stepwise[1].sum(), params)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def _repad(feats: Features, left: bool, extra: int) -> Features:
     """Same real ids, padding moved to the left (or kept right) and ``extra`` more columns."""
     ids = feats.sequences["hist"]
