@@ -409,3 +409,24 @@ def test_report_of_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="nothing to report"):
         build_report(tmp_path)
+
+
+def test_single_task_baseline_of_a_task_monitored_config_selects_on_its_own_task(
+    tmp_path: Path,
+) -> None:
+    from mtlrec.analysis.compare import run_config
+    from mtlrec.config import ExperimentConfig
+
+    base = ExperimentConfig.from_dict(
+        {
+            "data": {"dataset": "census-income", "options": {"task_group": 1}},
+            "model": {"name": "mmoe"},
+            "training": {"monitor": "never_married/auc"},
+        }
+    )
+    own = run_config(base, "single_task", 0, tmp_path / "a", tasks=["never_married"])
+    assert own.training.monitor == "never_married/auc"
+    other = run_config(base, "single_task", 0, tmp_path / "b", tasks=["income"])
+    assert other.training.monitor is None  # the default rule, on income
+    joint = run_config(base, "mmoe", 0, tmp_path / "c")
+    assert joint.training.monitor == "never_married/auc"

@@ -299,6 +299,11 @@ def run_config(
     data["training"] = {**data.get("training", {}), "seed": seed, "progress": progress}
     if tasks is not None:
         data["tasks"] = list(tasks)
+        # a monitor naming another task (e.g. ctcvr/auc): a one-task baseline selects its
+        # epoch by the default rule (on its own task) instead
+        task, _, metric = str(data["training"].get("monitor") or "").partition("/")
+        if metric and task != "mean" and task not in tasks:
+            data["training"]["monitor"] = None
     data["output_dir"] = str(folder)
     return ExperimentConfig.from_dict(data, source="compare", base_dir=base.base_dir)
 
@@ -308,12 +313,10 @@ def _finished(folder: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
     summ, conf = folder / "summary.json", folder / "config.yaml"
     if not (summ.is_file() and conf.is_file()):
         return None
-    from mtlrec.train.run import _comparable
+    from mtlrec.train.run import same_config
 
     try:
-        same = _comparable(yaml.safe_load(conf.read_text())) == _comparable(
-            yaml.safe_load(cfg.to_yaml())
-        )
+        same = same_config(yaml.safe_load(conf.read_text()), cfg)
         summary = json.loads(summ.read_text())
     except (yaml.YAMLError, json.JSONDecodeError):
         return None

@@ -88,14 +88,19 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_same_run(out: Path, cfg: ExperimentConfig) -> None:
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    # a key added since (with its default) does not make it another config; a config this
-    # version cannot read is compared as saved (and so differs)
+def same_config(saved: Any, cfg: ExperimentConfig) -> bool:
+    """Whether a run folder's saved ``config.yaml`` (parsed) is the run of ``cfg``: equal but
+    for the settings a resume may change. A key added since (saved without it, so with its
+    default) does not make it another config; a config this version cannot read differs."""
     with contextlib.suppress(ConfigError):
         saved = yaml.safe_load(ExperimentConfig.from_dict(saved).to_yaml())
-    now = yaml.safe_load(cfg.to_yaml())
-    if _comparable(saved) != _comparable(now):
+    if not isinstance(saved, dict):
+        return False
+    return _comparable(saved) == _comparable(yaml.safe_load(cfg.to_yaml()))
+
+
+def _check_same_run(out: Path, cfg: ExperimentConfig) -> None:
+    if not same_config(yaml.safe_load((out / "config.yaml").read_text()), cfg):
         raise ConfigError(
             f"{out} holds a run of another config; pass --overwrite to start over there, or "
             "choose another output_dir"
