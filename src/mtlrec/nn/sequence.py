@@ -17,6 +17,13 @@ from torch import Tensor, nn
 _GATES = {"lstm": 4, "gru": 3}
 
 
+def _exporting() -> bool:
+    """Whether the module is being captured for export (ONNX, torch.export, tracing)."""
+    return bool(
+        torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    )
+
+
 class SequenceExpertBank(nn.Module):
     """K recurrent experts (``cell='lstm'`` or ``'gru'``) reading one sequence or one each.
 
@@ -57,6 +64,8 @@ class SequenceExpertBank(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if _exporting():  # graph capture: no branch on the mask's values (any mask works)
+            return self._stepwise(x, mask)
         length = mask.shape[1]
         lengths = mask.sum(1)  # [B]
         prefix = bool((mask == (torch.arange(length, device=mask.device) < lengths[:, None])).all())
