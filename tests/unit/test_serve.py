@@ -295,3 +295,37 @@ def test_context_value_is_encoded_once(client: TestClient, run: Path) -> None:
     want = _predict(run, [{**ctx, **c} for c in cands])
     got = [c["predictions"]["watch"] for c in r.json()["results"]]
     np.testing.assert_allclose(got, want["watch"], atol=1e-6, rtol=0)
+
+
+def test_connections_get_tcp_nodelay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's multi-worker listening socket is made without a protocol number, so asyncio
+    leaves Nagle on for its connections (a head + body answer then waits ~40 ms for the
+    client's delayed ACK); the service's protocol switches it off on every connection."""
+    import socket
+
+    from mtlrec.serve import protocol
+
+    made: list[Any] = []
+    monkeypatch.setattr(protocol._Base, "connection_made", lambda self, t: made.append(t))
+
+    class Transport:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str) -> Any:
+            return self.sock if name == "socket" else None
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:  # as uvicorn binds it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as client:
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+                proto = object.__new__(protocol.NoDelayProtocol)
+                t = Transport(conn)
+                proto.connection_made(t)  # type: ignore[arg-type]
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+                assert made == [t]  # uvicorn's own set-up still runs
+                client.sendall(b"x")
+                assert conn.recv(1) == b"x"

@@ -36,9 +36,23 @@ def register(app: typer.Typer) -> None:
                 "(default: any column may be in the context or in the candidates)"
             ),
         ] = "",
-        threads: Annotated[int, typer.Option(min=1, help="threads of the model")] = 1,
+        threads: Annotated[
+            int, typer.Option(min=1, help="threads of the model in each worker")
+        ] = 1,
+        workers: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                help="worker processes, each with its own copy of the model (one per core "
+                "serves concurrent requests in parallel)",
+            ),
+        ] = 1,
     ) -> None:
-        """Serve POST /score, GET /healthz, GET /metadata (OpenAPI at /docs, /openapi.json)."""
+        """Serve POST /score, GET /healthz, GET /metadata (OpenAPI at /docs, /openapi.json).
+
+        With ``--workers N`` the counters of ``/metadata`` (requests, unknown categories)
+        are those of the worker that answers.
+        """
         try:
             import fastapi  # noqa: F401
             import uvicorn
@@ -48,12 +62,18 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(
                 f"serve needs the 'serve' extra (pip install 'mtlrec[serve]'): {e}"
             ) from None
+        import json
+        import os
+
         import torch
 
         from mtlrec.cli import err
         from mtlrec.serve import Scorer, create_app
+        from mtlrec.serve.app import SERVE_OPTIONS_ENV, freeze_heap
 
         torch.set_num_threads(threads)
+        # loaded here also with several workers: a bad run folder, fusion file or --context
+        # fails once, with one message, before any worker starts
         scorer = Scorer.load(run, fusion=fusion)
         ctx = [c for c in context.split(",") if c] or None
         api = create_app(
@@ -66,5 +86,34 @@ def register(app: typer.Typer) -> None:
             err.print(f"warning: binding {host}: the service has no authentication")
         err.print(
             f"serving {scorer.model_name} ({scorer.backend}) from {run} on http://{host}:{port}"
+            + (f" with {workers} workers" if workers > 1 else "")
         )
-        uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)
+        opts = {
+            "log_level": "warning",
+            "access_log": False,
+            "host": host,
+            "port": port,
+            "http": "mtlrec.serve.protocol:NoDelayProtocol",
+        }
+        if workers == 1:
+            freeze_heap()
+            uvicorn.run(api, **opts)  # type: ignore[arg-type]
+            return
+        del api, scorer
+        os.environ[SERVE_OPTIONS_ENV] = json.dumps(
+            {
+                "run": str(run.resolve()),
+                "fusion": None if fusion is None else str(fusion.resolve()),
+                "threads": threads,
+                "max_candidates": max_candidates,
+                "max_body_bytes": max_body_bytes,
+                "context_features": ctx,
+            }
+        )
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        uvicorn.run(
+            "mtlrec.serve.app:app_from_env",
+            factory=True,
+            workers=workers,
+            **opts,  # type: ignore[arg-type]
+        )

@@ -99,6 +99,10 @@ class Scorer:
         fuse = load_fusion_file(fusion, run.schema) if fusion is not None else None
         return cls(run.schema, run.preprocessor, run_eager, run.model_name, "torch", fuse, str(p))
 
+    def __post_init__(self) -> None:
+        for table in self.preprocessor.tables.values():
+            table.prepare()  # lookup structures built before the first request
+
     @property
     def task_names(self) -> tuple[str, ...]:
         return self.schema.task_names
