@@ -78,3 +78,12 @@ def test_large_vocabulary_uses_the_sorted_copy() -> None:
     assert enc._sorted[1] is not None
     assert ids.tolist() == [FIRST_ID + 4999, FIRST_ID, OOV_ID, OOV_ID, FIRST_ID + 25]
     assert unknown.tolist() == [False, False, False, True, False]
+
+
+def test_long_values_are_copied_in_blocks() -> None:
+    """Values of ~3,000 bytes: the fixed-width copy is made a few hundred rows at a time."""
+    rng = np.random.default_rng(0)
+    vals = ["x" * int(n) + str(i) for i, n in enumerate(rng.integers(0, 3000, 3000))]
+    values = pa.array(vals)
+    q = pa.array([*vals[::7], "nope", None, vals[5] + "a", vals[5][:-1]])
+    np.testing.assert_array_equal(SortedKeys(values).positions(q), _index_in(q, values))

@@ -63,8 +63,12 @@ def fixed_width(strings: pa.Array, width: int) -> np.ndarray:
     if n and width and bufs[2] is not None:
         data = np.frombuffer(bufs[2], dtype=np.uint8)
         cols = np.arange(width)
-        inside = cols[None, :] < np.minimum(lengths, width)[:, None]
-        out[:, :width][inside] = data[(offsets[:-1, None] + cols[None, :])[inside]]
+        step = max(1, (1 << 20) // width)  # rows per block: index temporaries stay ~20 MB
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            inside = cols[None, :] < np.minimum(lengths[lo:hi], width)[:, None]
+            at = (offsets[lo:hi, None] + cols[None, :])[inside]
+            out[lo:hi, :width][inside] = data[at]
     out[:, width:] = lengths.astype(">u4").view(np.uint8).reshape(n, 4)
     return out.view(f"S{width + 4}").reshape(n)
 
