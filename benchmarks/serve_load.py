@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,13 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 USERS, ITEMS = 100_000, 500_000
 """Vocabulary sizes of the generated run (a real catalogue: lookups must not cost per value
@@ -311,7 +303,9 @@ def serve_load(
 ) -> dict[str, Any]:
     import httpx
 
-    port = _free_port()
+    from mtlrec.utils.runtime import free_port
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).parent / "mtlrec"
     argv = (

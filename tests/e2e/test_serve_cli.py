@@ -3,7 +3,6 @@ same predictions as the in-process service, and a bad option fails before any wo
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
@@ -18,12 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from _serving_runs import make_run  # noqa: E402
 
 from mtlrec.testing import tiny_table  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from mtlrec.utils.runtime import free_port  # noqa: E402
 
 
 def test_serve_with_two_workers(cli, tmp_path: Path) -> None:
@@ -38,7 +32,7 @@ def test_serve_with_two_workers(cli, tmp_path: Path) -> None:
     body = {"context": {"user": rows[0]["user"]}, "candidates": rows}
     want = TestClient(create_app(Scorer.load(run))).post("/score", json=body).json()
 
-    port = _free_port()
+    port = free_port()
     server = cli.start("serve", run, "--port", port, "--workers", 2, cwd=tmp_path, name="serve")
     url = f"http://127.0.0.1:{port}"
     try:

@@ -9,7 +9,6 @@ one-process gradient there (a per-process mean would weigh the halves equally).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
 from mtlrec.testing import tiny_dataset
 from mtlrec.train.trainer import Trainer
+from mtlrec.utils.runtime import free_port
 
 ROWS, BATCH, EPOCHS = 150, 32, 2  # 5 batches an epoch, the last one of 22 rows
 
@@ -71,17 +71,11 @@ def _worker(rank: int, world: int, port: int, out: str, grad_clip: float | None)
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _distributed(tmp: Path, grad_clip: float | None) -> tuple[dict[str, torch.Tensor], dict]:
     out = str(tmp / "rank0.safetensors")
     mp.start_processes(
         _worker,
-        args=(2, _free_port(), out, grad_clip),
+        args=(2, free_port(), out, grad_clip),
         nprocs=2,
         join=True,
         start_method="spawn",

@@ -33,7 +33,6 @@ processes) or ``torchrun --nproc_per_node N -m mtlrec.cli train CONFIG``.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from mtlrec.models.base import ModelOutput
 from mtlrec.train.callbacks import Callback
 from mtlrec.train.step import evaluate as evaluate_batches
 from mtlrec.train.trainer import Trainer, TrainState
+from mtlrec.utils.runtime import free_port
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -293,12 +293,6 @@ class DistributedTrainer(Trainer):
 
 
 # -- launching -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(args: Sequence[str], nproc: int, *, poll: float = 0.05, grace: float = 5.0) -> int:
     """Run ``mtlrec <args>`` in ``nproc`` local processes of one group; return the exit code.
 
@@ -306,7 +300,7 @@ def launch(args: Sequence[str], nproc: int, *, poll: float = 0.05, grace: float 
     such a process fails alone. When any process fails, the others are stopped (they would wait
     for it forever in a collective).
     """
-    port = _free_port()
+    port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []

@@ -130,3 +130,13 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     arr = np.frombuffer(mmap.mmap(-1, count * itemsize), dtype=np_dtype, count=count)
     return torch.from_numpy(arr.reshape(shape))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local process group or a
+    service started by a test or benchmark)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
