@@ -37,8 +37,8 @@ import torch
 
 from mtlrec.config import TrainingConfig
 from mtlrec.data.dataset import ColumnarDataset
+from mtlrec.data.loading import load_datasets
 from mtlrec.data.preprocess import Preprocessor
-from mtlrec.data.sources import load_datasets
 from mtlrec.data.synthetic import make_mmoe_synthetic, mmoe_synthetic_schema
 from mtlrec.demo import DEMO_MODELS, demo_config
 from mtlrec.models.build import build_model

@@ -40,8 +40,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtlrec.config import TrainingConfig
+from mtlrec.data.file_encoding import encode_file, fit_file
 from mtlrec.data.preprocess import Preprocessor
-from mtlrec.data.stream import encode_file, fit_file
 from mtlrec.data.synthetic import ctr_schema
 from mtlrec.models.build import build_model
 from mtlrec.schema import Schema, SequenceFeature, TaskSpec

@@ -6,7 +6,7 @@ one list column ``hist`` of ``--hist-len`` item ids per row (a sequence feature,
 rows as wide as real impression logs), then, each in its own process:
 
 * **stream**: fits the encoders in one streaming pass (``fit_file``) and trains MMoE for one
-  epoch from a :class:`mtlrec.data.streaming.StreamingDataset` over the whole file;
+  epoch from a :class:`mtlrec.data.stream_dataset.StreamingDataset` over the whole file;
 * **memory**: encodes the first ``--memory-rows`` rows in memory and trains the same model for
   one epoch on them: the in-memory samples/s.
 
@@ -90,8 +90,8 @@ def child(mode: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from mtlrec.config import TrainingConfig
-    from mtlrec.data.stream import fit_file
-    from mtlrec.data.streaming import StreamingDataset
+    from mtlrec.data.file_encoding import fit_file
+    from mtlrec.data.stream_dataset import StreamingDataset
     from mtlrec.models import build_model
     from mtlrec.train.trainer import Trainer
 

@@ -139,8 +139,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Per-task metrics of a trained run on its test split or on a file."""
-    from mtlrec.data.sources import load_datasets
-    from mtlrec.data.stream import encode_file
+    from mtlrec.data.file_encoding import encode_file
+    from mtlrec.data.loading import load_datasets
     from mtlrec.train.run import load_run
 
     loaded = load_run(run)
@@ -186,8 +186,8 @@ def predict(
     import numpy as np
     import pyarrow as pa
 
+    from mtlrec.data.file_encoding import encode_file, record_batches
     from mtlrec.data.io import file_format, write_table
-    from mtlrec.data.stream import encode_file, record_batches
     from mtlrec.train.run import load_run
 
     file_format(output)  # fail early on an unknown output format

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mtlrec.config import ExperimentConfig
-from mtlrec.data.sources import load_datasets
+from mtlrec.data.loading import load_datasets
 from mtlrec.models.build import build_model
 from mtlrec.train.trainer import Trainer
 from mtlrec.utils.atomic import write_text

@@ -13,7 +13,7 @@ from mtlrec.data.census import (
     census_schema,
     read_census,
 )
-from mtlrec.data.sources import load_datasets
+from mtlrec.data.loading import load_datasets
 from mtlrec.errors import ConfigError
 from mtlrec.schema import DenseFeature, SparseFeature
 

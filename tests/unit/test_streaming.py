@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mtlrec.config import TrainingConfig
+from mtlrec.data.file_encoding import encode_file, fit_file
 from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.split import hash_part
-from mtlrec.data.stream import encode_file, fit_file
-from mtlrec.data.streaming import StreamingDataset, sharded
+from mtlrec.data.stream_dataset import StreamingDataset, sharded
 from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
 from mtlrec.testing import tiny_schema, tiny_table

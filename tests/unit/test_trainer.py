@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import mtlrec.train.trainer as trainer_mod
 from mtlrec.config import EarlyStoppingConfig, ExperimentConfig, TrainingConfig
 from mtlrec.data.dataset import ColumnarDataset
-from mtlrec.data.sources import load_datasets
+from mtlrec.data.loading import load_datasets
 from mtlrec.errors import CheckpointError, ConfigError, TrainingError
 from mtlrec.metrics import auc
 from mtlrec.models import build_model

@@ -330,7 +330,7 @@ def _run_gates(folder: Path, base_dir: str | None) -> dict[str, Any]:
     path = folder / "gates.json"
     if path.is_file():
         return json.loads(path.read_text())
-    from mtlrec.data.sources import load_datasets
+    from mtlrec.data.loading import load_datasets
     from mtlrec.train.run import load_run
 
     loaded = load_run(folder)
@@ -367,7 +367,7 @@ def run_compare(
         on_run: called with a label before each run (progress messages).
     """
     from mtlrec.analysis.relations import label_correlation
-    from mtlrec.data.sources import load_datasets
+    from mtlrec.data.loading import load_datasets
     from mtlrec.train.run import train_run
 
     t0 = time.perf_counter()

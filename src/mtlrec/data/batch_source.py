@@ -1,7 +1,7 @@
 """What the trainer's loop needs of its training data: a resumable source of batches.
 
 :class:`~mtlrec.data.dataset.ColumnarDataset` (encoded rows in memory) is one;
-:class:`~mtlrec.data.streaming.StreamingDataset` (a Parquet file encoded on the fly) and
+:class:`~mtlrec.data.stream_dataset.StreamingDataset` (a Parquet file encoded on the fly) and
 :class:`~mtlrec.train.distributed.RankShard` (one process's share of every global batch) are
 others. A source must give the same batches for the same ``(seed, epoch)`` every time and start
 at any batch index, so a run resumed from a checkpoint's ``(epoch, batch)`` position continues

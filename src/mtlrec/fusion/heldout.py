@@ -36,7 +36,7 @@ def run_predictions(run: Any, split: str) -> HeldOut:
         run: a run folder or a :class:`mtlrec.train.run.LoadedRun`.
         split: ``valid`` (to fit a fusion) or ``test`` (to report it).
     """
-    from mtlrec.data.sources import load_datasets
+    from mtlrec.data.loading import load_datasets
     from mtlrec.train.run import LoadedRun, load_run
 
     if split not in ("valid", "test"):

@@ -34,7 +34,7 @@ import numpy as np
 
 from mtlrec.errors import ConfigError
 from mtlrec.fusion.base import ParametricFusion
-from mtlrec.metrics import _grouped_auc
+from mtlrec.metrics.ranking import _grouped_auc
 
 SEARCHERS = ("grid", "random", "cem", "es", "tpe", "cmaes")
 

@@ -28,8 +28,8 @@ import yaml
 
 from mtlrec.config import ExperimentConfig
 from mtlrec.data.dataset import ColumnarDataset
+from mtlrec.data.loading import load_datasets
 from mtlrec.data.preprocess import Preprocessor
-from mtlrec.data.sources import load_datasets
 from mtlrec.errors import CheckpointError, ConfigError
 from mtlrec.models.base import MultiTaskModel
 from mtlrec.models.build import build_model
@@ -200,7 +200,7 @@ def train_run(
         if isinstance(train, ColumnarDataset):
             train = RankShard(train, distributed.rank, distributed.world_size)
         else:  # a stream: each process encodes only the rows of its shares
-            from mtlrec.data.streaming import sharded
+            from mtlrec.data.stream_dataset import sharded
 
             train = sharded(train, distributed.rank, distributed.world_size)
     fit = trainer.fit(train, valid, resume=resume)

@@ -27,7 +27,7 @@ used buffer alive. Write the file with row groups smaller than the shuffle buffe
 
 Rows of a hash split (``split = (fractions, seed)``) are the rows whose
 :func:`~mtlrec.data.split.hash_part` is ``part``, exactly as in
-:func:`mtlrec.data.stream.encode_file`.
+:func:`mtlrec.data.file_encoding.encode_file`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -46,16 +45,12 @@ import torch
 
 from mtlrec.batch import Batch
 from mtlrec.data.dataset import ColumnarDataset
+from mtlrec.data.file_encoding import BATCH_ROWS, record_batches
 from mtlrec.data.io import file_format
 from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.split import hash_part
-from mtlrec.data.stream import BATCH_ROWS
 from mtlrec.errors import ConfigError, DataError
 from mtlrec.utils.runtime import mapped_empty, mmap_large_blocks
-
-if TYPE_CHECKING:
-    from mtlrec.config import ExperimentConfig
-    from mtlrec.data.sources import Datasets
 
 DEFAULT_SHUFFLE_BUFFER = 262_144
 
@@ -76,7 +71,7 @@ class StreamingDataset:
     """Encoded batches of a Parquet file, read on the fly (see the module notes).
 
     Args:
-        pre: fitted encoders (e.g. :func:`mtlrec.data.stream.fit_file`, which streams too).
+        pre: fitted encoders (e.g. :func:`mtlrec.data.file_encoding.fit_file`, which streams too).
         path: a Parquet file.
         split: ``(fractions, seed)`` of a hash split, with ``part`` the part to use (0: train).
         shuffle_buffer: rows permuted together (at least; whole row groups are added).
@@ -377,7 +372,6 @@ def encode_other_parts(
 ) -> list[ColumnarDataset | None]:
     """Encode every part of a hash split but ``skip`` (the streamed training part), in
     memory; ``None`` in place of the skipped part."""
-    from mtlrec.data.stream import record_batches
 
     schema = pre.schema
     n_parts = len(split[0])
@@ -415,49 +409,3 @@ def sharded(data: StreamingDataset, rank: int, world_size: int) -> StreamingData
     out.rank, out.world_size = rank, world_size
     out.unknown_counts = {}
     return out
-
-
-def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Datasets:
-    """The data of a ``data.streaming: true`` config: the training rows as a
-    :class:`StreamingDataset`, validation and test rows encoded in memory."""
-    from mtlrec.data.sources import DEFAULT_SPLIT, SPLITS, Datasets, config_schema
-    from mtlrec.data.stream import encode_file, fit_file
-
-    d = cfg.data
-    if d.train is None:
-        raise ConfigError("data.streaming needs data.train (a Parquet file), not a built-in set")
-    schema = config_schema(cfg)
-    train_path = cfg.resolve_path(d.train)
-    if file_format(Path(train_path)) != "parquet":
-        raise ConfigError(f"data.streaming reads Parquet files; data.train {d.train} is not one")
-    if d.valid:
-        if pre is None:
-            pre = fit_file(schema, train_path)
-        train = StreamingDataset(
-            pre, train_path, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
-        )
-        valid = encode_file(pre, cfg.resolve_path(d.valid), delimiter=d.delimiter)[0]
-        test = (
-            encode_file(pre, cfg.resolve_path(d.test), delimiter=d.delimiter)[0] if d.test else None
-        )
-        names = {"train": d.train, "valid": d.valid, "test": d.test or ""}
-        return Datasets(pre, train, valid, test, names)  # type: ignore[arg-type]
-    split = d.split or DEFAULT_SPLIT
-    fractions: tuple[float, ...] = split.fractions
-    if d.test:
-        total = fractions[0] + fractions[1]
-        fractions = (fractions[0] / total, fractions[1] / total)
-    spec = (fractions, split.seed)
-    if pre is None:
-        pre = fit_file(schema, train_path, split=spec)
-    train = StreamingDataset(
-        pre, train_path, split=spec, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
-    )
-    parts = encode_other_parts(pre, train_path, spec)
-    names = {k: f"{d.train}[{k} split]" for k in SPLITS}
-    if d.test:
-        names["test"] = d.test
-        test = encode_file(pre, cfg.resolve_path(d.test), delimiter=d.delimiter)[0]
-    else:
-        test = parts[2]
-    return Datasets(pre, train, parts[1], test, names)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """From a data config to encoded train / valid / test data sets and the schema that reads them.
 
-Files are streamed (:mod:`mtlrec.data.stream`): encoders are fitted on the training rows in a
+Files are streamed (:mod:`mtlrec.data.file_encoding`): encoders are fitted on the training rows in a
 first pass and every split is encoded in a second, so the raw table is never held whole.
 Built-in data sets are small and loaded in memory.
 """
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from mtlrec.config import DataConfig, ExperimentConfig, SplitConfig
 from mtlrec.data.dataset import ColumnarDataset
+from mtlrec.data.file_encoding import encode_file, fit_file
+from mtlrec.data.io import file_format
 from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.split import hash_split
-from mtlrec.data.stream import encode_file, fit_file
+from mtlrec.data.stream_dataset import StreamingDataset, encode_other_parts
 from mtlrec.errors import ConfigError
 from mtlrec.schema import Schema
 from mtlrec.utils.runtime import mmap_large_blocks
@@ -112,8 +115,6 @@ def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Dat
     """
     d: DataConfig = cfg.data
     if d.streaming:
-        from mtlrec.data.streaming import load_streaming
-
         return load_streaming(cfg, pre)
     if d.dataset is not None:
         if d.dataset not in BUILTIN:
@@ -161,3 +162,46 @@ def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Dat
         test = encode_file(pre, test_path, delimiter=d.delimiter)[0]
         return Datasets(pre, parts[0], parts[1], test, names)
     return Datasets(pre, parts[0], parts[1], parts[2], names)
+
+
+def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Datasets:
+    """The data of a ``data.streaming: true`` config: the training rows as a
+    :class:`StreamingDataset`, validation and test rows encoded in memory."""
+    d = cfg.data
+    if d.train is None:
+        raise ConfigError("data.streaming needs data.train (a Parquet file), not a built-in set")
+    schema = config_schema(cfg)
+    train_path = cfg.resolve_path(d.train)
+    if file_format(Path(train_path)) != "parquet":
+        raise ConfigError(f"data.streaming reads Parquet files; data.train {d.train} is not one")
+    if d.valid:
+        if pre is None:
+            pre = fit_file(schema, train_path)
+        train = StreamingDataset(
+            pre, train_path, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
+        )
+        valid = encode_file(pre, cfg.resolve_path(d.valid), delimiter=d.delimiter)[0]
+        test = (
+            encode_file(pre, cfg.resolve_path(d.test), delimiter=d.delimiter)[0] if d.test else None
+        )
+        names = {"train": d.train, "valid": d.valid, "test": d.test or ""}
+        return Datasets(pre, train, valid, test, names)  # type: ignore[arg-type]
+    split = d.split or DEFAULT_SPLIT
+    fractions: tuple[float, ...] = split.fractions
+    if d.test:
+        total = fractions[0] + fractions[1]
+        fractions = (fractions[0] / total, fractions[1] / total)
+    spec = (fractions, split.seed)
+    if pre is None:
+        pre = fit_file(schema, train_path, split=spec)
+    train = StreamingDataset(
+        pre, train_path, split=spec, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
+    )
+    parts = encode_other_parts(pre, train_path, spec)
+    names = {k: f"{d.train}[{k} split]" for k in SPLITS}
+    if d.test:
+        names["test"] = d.test
+        test = encode_file(pre, cfg.resolve_path(d.test), delimiter=d.delimiter)[0]
+    else:
+        test = parts[2]
+    return Datasets(pre, train, parts[1], test, names)  # type: ignore[arg-type]
