@@ -20,6 +20,7 @@ import time
 import torch
 
 from mtlrec.demo import run_demo
+from mtlrec.utils.runtime import enable_process_tuning
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--models", default="single_task,shared_bottom,omoe,mmoe")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    enable_process_tuning()  # as the mtlrec command does
     t0 = time.perf_counter()
     res = run_demo(seeds=args.seeds, progress=False, models=tuple(args.models.split(",")))
     print(

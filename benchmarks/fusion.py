@@ -42,6 +42,7 @@ from mtlrec.fusion import (
 )
 from mtlrec.fusion.heldout import run_predictions
 from mtlrec.train.run import load_run, train_run
+from mtlrec.utils.runtime import enable_process_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--objective", default="income:2,never_married:1")
     ap.add_argument("--md", default=None, help="write the table here too")
     args = ap.parse_args()
+    enable_process_tuning()  # as the mtlrec command does
     t_all = time.perf_counter()
     run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="fusion-bench-")) / "mmoe")
     if not (run_dir / "summary.json").is_file():  # train (or finish training) the run there

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from mtlrec.utils.runtime import enable_process_tuning
+
 USERS, ITEMS = 100_000, 500_000
 """Vocabulary sizes of the generated run (a real catalogue: lookups must not cost per value
 of the vocabulary; the items of the training rows fill most of the item table)."""
@@ -303,10 +305,8 @@ def serve_load(
 ) -> dict[str, Any]:
     import httpx
 
-    from mtlrec.utils.runtime import free_port
+    from mtlrec.utils.runtime import http_ok, start_on_free_port
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).parent / "mtlrec"
     argv = (
         [str(exe)]
@@ -314,22 +314,30 @@ def serve_load(
         else [sys.executable, "-c", "from mtlrec.cli import main; main()"]
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [
-            *argv,
-            "serve",
-            str(path),
-            "--port",
-            str(port),
-            "--max-candidates",
-            str(candidates),
-            "--workers",
-            str(workers),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                *argv,
+                "serve",
+                str(path),
+                "--port",
+                str(port),
+                "--max-candidates",
+                str(candidates),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    # another port if the chosen one is taken before the server binds it
+    proc, port = start_on_free_port(
+        start, lambda _, p: http_ok(f"http://127.0.0.1:{p}/healthz", timeout=1), timeout=120
     )
+    url = f"http://127.0.0.1:{port}"
     try:
         t_end = time.time() + 120
         while True:
@@ -388,6 +396,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200, help="in-process requests timed")
     ap.add_argument("--markdown", type=Path, help="append the results to this file")
     args = ap.parse_args()
+    enable_process_tuning()  # as the mtlrec command does
     duration = min(args.duration, 300.0)
     import torch
 

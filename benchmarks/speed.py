@@ -14,10 +14,19 @@ an in-memory ``ColumnarDataset``, batching included):
 * the data pipeline's share of a training step (batch slicing alone vs a full step),
 * peak RSS of the process.
 
+Two comparisons in the same run (``benchmarks/speed_sharded.py``):
+
+* ``--sharded-nproc N``: each model also trained with ``model.embedding_backend: torchrec`` by N
+  local processes of ``threads / N`` threads (tables sharded, dense part data-parallel), against
+  the one-process torch path with all the threads (bar: >= 0.8x its train samples/s);
+* ``--precisions fp32,bf16``: each model trained and scored under each ``training.precision``
+  (autocast), with the CPU's native bf16 flags.
+
 Usage::
 
     python benchmarks/speed.py                     # MMoE and Shared-Bottom, 500,000 rows
     python benchmarks/speed.py --models mmoe --rows 100000 --epochs 1
+    python benchmarks/speed.py --models mmoe --threads 2 --sharded-nproc 2 --precisions fp32,bf16
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from mtlrec.data.synthetic import ctr_schema
 from mtlrec.models.build import build_model
 from mtlrec.schema import Schema, SequenceFeature, TaskSpec
 from mtlrec.train.trainer import Trainer
-from mtlrec.utils.runtime import configure_runtime, release_memory
+from mtlrec.utils.runtime import configure_runtime, enable_process_tuning, release_memory
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mmoe": ("mmoe", {"num_experts": 8, "expert_hidden": [256, 128], "tower_hidden": [64]}),
@@ -192,6 +201,7 @@ def bench_model(key: str, pre: Preprocessor, ds, args: argparse.Namespace) -> di
         eval_batch_size=args.eval_batch_size,
         progress=False,
         optimizer={"name": "adam", "lr": 1e-3, "sparse_embeddings": args.sparse_embeddings},
+        precision=args.precision,
     )
     trainer = Trainer(model, ds.schema, config=cfg)
     fit = trainer.fit(ds)
@@ -244,6 +254,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         build_model(name, ds.schema, pre.table_sizes(), params), ds.take(slice(0, 512))
     )
     row.update(encode_s=t_enc, matmul_rates=rates, threads=torch.get_num_threads())
+    row["precision"] = args.precision
     return row
 
 
@@ -261,8 +272,26 @@ def main() -> None:
         action="store_true",
         help="sparse embedding gradients and lazy updates (default: dense, as the library)",
     )
+    ap.add_argument(
+        "--sharded-nproc",
+        type=int,
+        default=0,
+        help="also train each model with sharded TorchRec tables in N processes of "
+        "threads/N threads (benchmarks/speed_sharded.py)",
+    )
+    ap.add_argument(
+        "--precisions", default="fp32", help="training.precision values to run (fp32,bf16)"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    enable_process_tuning()  # as the mtlrec command does
+    if args.worker and args.sharded_worker:
+        from speed_sharded import run_sharded_worker
+
+        run_sharded_worker(args, MODELS)
+        return
     if args.worker:
         print(json.dumps(run_worker(args)))
         return
@@ -278,7 +307,8 @@ def main() -> None:
         f"{args.epochs} epochs (the last is timed), predict twice (the better is kept)"
     )
     rows = []
-    for key in args.models.split(","):
+    runs = [(k, p) for k in args.models.split(",") for p in args.precisions.split(",")]
+    for key, precision in runs:
         cmd = [
             sys.executable,
             __file__,
@@ -297,6 +327,7 @@ def main() -> None:
             cmd += ["--threads", str(args.threads)]
         if args.sparse_embeddings:
             cmd.append("--sparse-embeddings")
+        cmd += ["--precision", precision]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     hdr = (
@@ -317,7 +348,8 @@ def main() -> None:
             infer_ratio=r["infer_samples_per_s"] / lim_inf,
         )
         print(
-            f"{r['model']:<14}{r['flops_per_sample'] / 1e6:>10.3f}{peak:>8.0f}"
+            f"{r['model'] + ('/' + r['precision'] if r['precision'] != 'fp32' else ''):<14}"
+            f"{r['flops_per_sample'] / 1e6:>10.3f}{peak:>8.0f}"
             f"{r['train_samples_per_s']:>9.0f}{lim_tr:>8.0f}{r['train_ratio']:>7.0%}"
             f"{r['infer_samples_per_s']:>9.0f}{lim_inf:>8.0f}{r['infer_ratio']:>7.0%}"
             f"{r['data_share_of_step']:>6.1%}{r['peak_rss_mb']:>8.0f}"
@@ -326,6 +358,26 @@ def main() -> None:
         "matmul = median GFLOP/s of 60 single 2048^3 fp32 matmuls in the model's process; "
         "limit = matmul / FLOPs (x3 for training); data = batch slicing's share of a step"
     )
+    if "bf16" in args.precisions.split(","):
+        from speed_sharded import report_precision
+
+        report_precision(rows)
+    if args.sharded_nproc > 1:
+        from speed_sharded import launch, report
+
+        total = args.threads or (os.cpu_count() or 1)
+        sharded = []
+        for key in args.models.split(","):
+            cmd = [
+                *(sys.executable, __file__, "--worker", key, "--sharded-worker"),
+                *("--rows", str(args.rows), "--epochs", str(args.epochs)),
+                *("--batch-size", str(args.batch_size)),
+                *("--eval-batch-size", str(args.eval_batch_size)),
+            ]
+            per = max(1, total // args.sharded_nproc)
+            sharded.append(launch(cmd, args.sharded_nproc, per))
+        report(rows, sharded)
+        rows += sharded
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

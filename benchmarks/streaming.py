@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtlrec.train.optimizers import materialize_state
+from mtlrec.utils.runtime import enable_process_tuning
+
 
 def write_file(path: Path, rows: int, hist_len: int, row_group: int, chunk: int = 100_000) -> None:
     import numpy as np
@@ -107,7 +110,7 @@ def child(mode: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     )
     cfg = TrainingConfig(epochs=1, batch_size=args.batch_size, progress=False, seed=0)
     trainer = Trainer(model, pre.schema, config=cfg)
-    trainer.optimizer.materialize()
+    materialize_state(trainer.optimizer)
     # the baseline: torch, encoders, model and optimiser state; the peak is reset here (Linux
     # clear_refs 5 resets VmHWM), so peak - baseline is what the data and the steps add
     Path("/proc/self/clear_refs").write_text("5")
@@ -176,6 +179,7 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    enable_process_tuning()  # as the mtlrec command does
     if args.child:
         print(json.dumps(child(args.child, Path(args.file), args)))
         return

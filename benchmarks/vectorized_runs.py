@@ -22,6 +22,7 @@ from mtlrec.analysis.vectorized import VectorizedRuns
 from mtlrec.batch import Features
 from mtlrec.data.synthetic import mmoe_synthetic_schema
 from mtlrec.models.build import build_model
+from mtlrec.utils.runtime import enable_process_tuning
 
 
 def main() -> None:
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    enable_process_tuning()  # as the mtlrec command does
     torch.set_num_threads(args.threads)
     r, steps, bsz = args.runs, args.steps, args.batch_size
     xtr, ytr, _, _, meta = _data(0.5, r, 4096, 1, "mmoe-fig2", 0)

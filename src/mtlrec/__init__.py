@@ -6,18 +6,12 @@ Public API::
     from mtlrec import Preprocessor, ColumnarDataset, build_model, Trainer, TrainingConfig
     from mtlrec import ExperimentConfig, train_run, load_run
 
-Importing mtlrec before pyarrow selects pyarrow's system allocator (unless the environment
-variable ``ARROW_DEFAULT_MEMORY_POOL`` says otherwise): its freed buffers go back to the OS,
-where the default pool kept ~90 MB after reading a 500,000-row file.
+Importing mtlrec changes nothing in the process (environment, allocator, memory pools): the
+``mtlrec`` command opts in to its speed and memory settings with
+:func:`mtlrec.utils.runtime.enable_process_tuning`, which a Python user may call too.
 """
 
 from __future__ import annotations
-
-import os as _os
-import sys as _sys
-
-if "pyarrow" not in _sys.modules:
-    _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from mtlrec.config import ExperimentConfig, TrainingConfig
 from mtlrec.data.dataset import ColumnarDataset

@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mtlrec.errors import ConfigError, MtlrecError
@@ -32,15 +34,38 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_show_warning_default = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """mtlrec's own warnings (a config that works, but not as written; data that trains, but
+    probably not as meant) as one ``warning: ...`` line on stderr; others as Python shows
+    them."""
+    if issubclass(category, UserWarning) and category.__module__.startswith("mtlrec"):
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _show_warning_default(message, category, filename, lineno, file, line)
+
+
 def friendly(fn: F) -> F:
-    """Turn MtlrecError into one line on stderr and exit status 2."""
+    """Turn MtlrecError into one line on stderr and exit status 2 (and mtlrec's warnings into
+    one ``warning:`` line each)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except MtlrecError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -50,18 +75,28 @@ def friendly(fn: F) -> F:
 
 
 def _metrics_table(title: str, metrics: dict[str, dict[str, float]]) -> Table:
+    """Per-task metrics and, last, each task's valid-row count ``n``. A task without a valid
+    row shows ``n`` 0 and no values (never a number from nothing); an undefined value (e.g.
+    AUC on one class) shows as ``—``."""
     names: list[str] = []
     for m in metrics.values():
-        names += [k for k in m if k not in names]
+        names += [k for k in m if k not in names and k != "count"]
     table = Table(title=title)
     table.add_column("task")
     for n in names:
         table.add_column(n, justify="right")
+    table.add_column("n", justify="right")
     for task, m in metrics.items():
+        count = m.get("count")
+        empty = count is not None and int(count) == 0
         row = [task]
         for n in names:
             v = m.get(n)
-            row.append("" if v is None else (str(int(v)) if n == "count" else f"{v:.5f}"))
+            if v is None:
+                row.append("")
+            else:
+                row.append("—" if empty or v != v else f"{v:.5f}")  # v != v: NaN
+        row.append("" if count is None else str(int(count)))
         table.add_row(*row)
     return table
 
@@ -81,13 +116,34 @@ def train(
     nproc: Annotated[
         int, typer.Option(min=1, help="data-parallel processes on this machine (docs/scale.md)")
     ] = 1,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="with --set model.name=NAME, refuse the file's model parameters that NAME "
+            "does not take (default: drop them with a warning; mtlrec list NAME shows them)"
+        ),
+    ] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="warm start from an earlier run folder: its weights, vocabularies grown "
+            "with the new data (training.init_from; docs/continual.md)",
+        ),
+    ] = None,
+    init_checkpoint: Annotated[
+        str | None,
+        typer.Option(help="the --init-from run's checkpoint: best (default) or last"),
+    ] = None,
 ) -> None:
     """Train a model from a YAML config; writes a run folder (checkpoints, metrics, summary)."""
     from mtlrec.config import ExperimentConfig
     from mtlrec.train import distributed as ddp
     from mtlrec.train.run import train_run
+    from mtlrec.train.warm_start import describe_init, init_overrides
 
-    cfg = ExperimentConfig.load(config, set_ or [])
+    set_ = [*(set_ or []), *init_overrides(init_from, init_checkpoint)]
+    cfg = ExperimentConfig.load(config, set_ or [], strict=strict)
     if nproc > 1:
         if ddp.env_world_size() > 1:
             raise ConfigError("--nproc inside a torchrun group: use one or the other")
@@ -96,12 +152,18 @@ def train(
         args += ["--overwrite" if overwrite else "--no-overwrite"]
         args += ["--resume" if resume else "--no-resume"]
         args += ["--progress" if progress else "--no-progress"]
+        args += ["--strict"] if strict else []
         raise typer.Exit(ddp.launch(args, nproc))
     if not progress:
         cfg = cfg.model_copy(
             update={"training": cfg.training.model_copy(update={"progress": False})}
         )
-    context = ddp.init_from_env()
+    backend = None
+    if ddp.env_world_size() > 1:  # nccl between GPUs, gloo between CPU processes
+        from mtlrec.train.placement import dist_backend, resolve_device
+
+        backend = dist_backend(resolve_device(cfg.training.device))
+    context = ddp.init_from_env(backend)
     try:
         result = train_run(
             cfg, output_dir=output, resume=resume, overwrite=overwrite, distributed=context
@@ -116,6 +178,8 @@ def train(
         f"{fit.best_value if fit.best_value is None else round(fit.best_value, 5)}"
         + (f"  ({fit.stop_reason})" if fit.stop_reason else "")
     )
+    for line in describe_init(result.init):
+        err.print(escape(line), highlight=False, soft_wrap=True)
     if result.test_metrics is not None:
         out.print(_metrics_table("test metrics (best epoch)", result.test_metrics))
     _report_unknown(result.unknown_counts.get("test", {}), "test")
@@ -137,8 +201,14 @@ def evaluate(
     data: Annotated[Path | None, typer.Option(help="labelled CSV/Parquet file")] = None,
     split: Annotated[str, typer.Option(help="split of the run's data: test or valid")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    drift_json: Annotated[
+        Path | None,
+        typer.Option(help="with --data: also write the drift report here as JSON"),
+    ] = None,
 ) -> None:
-    """Per-task metrics of a trained run on its test split or on a file."""
+    """Per-task metrics of a trained run on its test split or on a file; with --data, the drift
+    of the file from the run's training data (OOV rate per feature, positive rate and mean
+    prediction per task: docs/continual.md)."""
     from mtlrec.data.file_encoding import encode_file
     from mtlrec.data.loading import load_datasets
     from mtlrec.train.run import load_run
@@ -163,6 +233,17 @@ def evaluate(
     else:
         out.print(_metrics_table(f"{loaded.model_name} on {what}", metrics))
     _report_unknown(ds.unknown_counts, what)
+    if data is not None:
+        from mtlrec.analysis.drift import run_drift
+        from mtlrec.commands._drift_view import drift_tables
+        from mtlrec.utils.atomic import write_text
+
+        report = run_drift(run, ds, loaded.trainer().predict(ds))
+        if drift_json is not None:
+            write_text(drift_json, json.dumps(report, indent=2))
+        if not as_json:
+            for table in drift_tables(report, what):
+                out.print(table)
 
 
 @app.command()
@@ -181,6 +262,13 @@ def predict(
         Path | None,
         typer.Option(help="fusion JSON (mtlrec fuse): adds a fused 'score' column"),
     ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32, or bf16 (autocast) when it keeps every task's validation AUC within "
+            "0.001 of fp32's (checked once, saved in the run folder)"
+        ),
+    ] = "fp32",
 ) -> None:
     """Score a file: one column per task (probability, value, or one per class)."""
     import numpy as np
@@ -191,18 +279,28 @@ def predict(
     from mtlrec.train.run import load_run
 
     file_format(output)  # fail early on an unknown output format
+    if precision not in ("fp32", "bf16"):
+        raise typer.BadParameter("precision must be fp32 or bf16")
     loaded = load_run(run)
+    if precision != "fp32":
+        from mtlrec.train.precision_check import require_precision
+
+        require_precision(loaded, precision)
     kept = [c for c in keep.split(",") if c]
     pred_cols = [
         f"{prefix}{t.name}_p{k}" if t.kind == "multiclass" else f"{prefix}{t.name}"
-        for t in loaded.schema.tasks
+        for t in loaded.schema.primary_tasks  # auxiliary tasks are not served
         for k in range(t.output_dim)
     ]
     fuser = None
     if fusion is not None:
         from mtlrec.fusion import load_fusion
 
-        fuser = load_fusion(fusion, [t.name for t in loaded.schema.tasks if t.kind != "multiclass"])
+        fuser = load_fusion(
+            fusion,
+            [t.name for t in loaded.schema.primary_tasks if t.kind != "multiclass"],
+            auxiliary=[t.name for t in loaded.schema.tasks if t.auxiliary],
+        )
         pred_cols.append(f"{prefix}score")
     if clash := sorted(set(kept) & set(pred_cols)):
         raise ConfigError(
@@ -218,8 +316,8 @@ def predict(
             record_batches(input, kept, delimiter=loaded.config.data.delimiter)
         )
         cols = {c: kept_table.column(c) for c in kept}
-    preds = loaded.trainer().predict(ds)
-    for task in loaded.schema.tasks:
+    preds = loaded.trainer(precision=precision).predict(ds)
+    for task in loaded.schema.primary_tasks:
         p = preds[task.name]
         if p.ndim == 2:
             for k in range(p.shape[1]):
@@ -235,20 +333,57 @@ def predict(
 
 
 @app.command("list")
-def list_() -> None:
-    """The registered models, balancing strategies and fusions."""
-    from mtlrec.registry import FUSIONS, MODELS, WEIGHTINGS
+@friendly
+def list_(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="a model, balancing strategy or fusion: list its parameters (types, defaults, "
+            "help)"
+        ),
+    ] = None,
+) -> None:
+    """The registered models, balancing strategies and fusions; with a NAME, its parameters."""
+    from mtlrec.registry import FUSIONS, MODELS, WEIGHTINGS, did_you_mean
 
-    for title, reg in (
+    registries = (
         ("models", MODELS),
         ("balancing strategies", WEIGHTINGS),
         ("fusions (mtlrec fuse)", FUSIONS),
-    ):
-        table = Table(title=title)
-        table.add_column("name")
-        table.add_column("description")
-        for e in reg.entries():
-            table.add_row(e.name, e.description)
+    )
+    if name is None:
+        for title, reg in registries:
+            table = Table(title=title)
+            table.add_column("name")
+            table.add_column("description")
+            for e in reg.entries():
+                table.add_row(e.name, escape(e.description))
+            out.print(table)
+        out.print("mtlrec list NAME lists the parameters of one of them")
+        return
+    found = [reg for _, reg in registries if name in reg]
+    if not found:
+        every = [n for _, reg in registries for n in reg.names()]
+        raise ConfigError(
+            f"{name!r} is not a registered model, balancing strategy or fusion"
+            f"{did_you_mean(name, every)}; mtlrec list shows them all"
+        )
+    for reg in found:
+        entry = reg.get(name)
+        params = reg.describe(name)
+        title = f"{reg.kind} {name}: {entry.description}" + (
+            f" ({entry.paper})" if entry.paper else ""
+        )
+        if not params:
+            out.print(escape(title) + "\n  takes no parameters")
+            continue
+        table = Table(title=escape(title))
+        table.add_column("parameter", no_wrap=True)
+        table.add_column("type")
+        table.add_column("default")
+        table.add_column("help")
+        for p in params:
+            table.add_row(p.name, escape(p.type), escape(p.default), escape(p.help))
         out.print(table)
 
 
@@ -256,7 +391,14 @@ def list_() -> None:
 @friendly
 def demo(
     seeds: Annotated[int, typer.Option(min=1, help="seeds per model")] = 1,
-    epochs: Annotated[int | None, typer.Option(min=1, help="epochs (default 12)")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="most epochs per model (default 20; early stopping after 3 epochs "
+            "without improvement)",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     output: Annotated[Path | None, typer.Option(help="write demo.json here")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads")] = None,
@@ -267,31 +409,23 @@ def demo(
 
     configure_runtime(threads, True)
     err.print("census-income: 60/20/20 split by row hash; epoch chosen on validation mean AUC")
-    res = run_demo(seeds=seeds, epochs=epochs, progress=progress, output=output)
+    res = run_demo(
+        seeds=seeds,
+        epochs=epochs,
+        progress=progress,
+        output=output,
+        on_progress=lambda line: err.print(escape(line), highlight=False, soft_wrap=True),
+    )
+    header, rows = res.table_rows()
     table = Table(
         title=f"census-income test AUC ({seeds} seed{'s' if seeds > 1 else ''}); "
-        "gain = AUC - single-task AUC"
+        "gain = AUC - single-task AUC",
+        caption=res.caption(),
     )
-    table.add_column("model", no_wrap=True)
-    for t in res.tasks:
-        table.add_column(t, justify="right", no_wrap=True)
-    for t in res.tasks:
-        table.add_column(f"gain {t}", justify="right", no_wrap=True)
-    table.add_column("seesaw")
-    for m in res.test_auc:
-        cells = []
-        for t in res.tasks:
-            cell = f"{res.mean(m, t):.4f}"
-            if seeds > 1:
-                cell += f" ± {res.sd(m, t):.4f}"
-            cells.append(cell)
-        gains = [round(res.gain(m, t), 4) for t in res.tasks]  # at the shown precision
-        if m == "single_task":
-            cells += ["—"] * len(res.tasks) + [""]
-        else:
-            cells += [f"{g:+.4f}" for g in gains]
-            cells.append("yes" if max(gains) > 0 > min(gains) else "no")
-        table.add_row(m, *cells)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*r)
     out.print(table)
     out.print(f"{res.seconds:.0f} s")
 
@@ -323,14 +457,65 @@ def synth_mmoe(
 @friendly
 def synth_ctr(
     output: Annotated[Path, typer.Option(help="CSV/Parquet file to write")],
-    rows: Annotated[int, typer.Option(min=1)] = 100_000,
+    rows: Annotated[int, typer.Option(min=1, help="rows (with --days: rows per day)")] = 100_000,
     seed: Annotated[int, typer.Option()] = 0,
+    days: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="a daily log with a day column and drift: new items every day, popularity "
+            "and category appeal shifting (docs/continual.md)",
+        ),
+    ] = None,
+    position_bias: Annotated[
+        bool,
+        typer.Option(
+            help="a click log in requests, clicks biased by position, with the true relevance "
+            "(true_ctr, relevant) of every row (docs/architectures.md, bias tower)",
+        ),
+    ] = False,
+    positions: Annotated[
+        int, typer.Option(min=2, help="with --position-bias: impressions per request")
+    ] = 10,
 ) -> None:
-    """A CTR-style table: 26 Zipf categorical fields, 13 dense, click and conversion labels."""
+    """A CTR-style table: 26 Zipf categorical fields, 13 dense, click and conversion labels
+    (with --days: a daily log of users, items, categories... with drift)."""
     from mtlrec.data.io import write_table
     from mtlrec.data.synthetic import make_ctr_table
 
+    if position_bias:
+        from mtlrec.data.synthetic.position import make_position_bias_table
+
+        if days is not None:
+            raise ConfigError("--position-bias and --days: choose one")
+        write_table(make_position_bias_table(rows, positions=positions, seed=seed), output)
+        out.print(f"wrote {rows} rows ({positions} positions per request) to {output}")
+        return
+    if days is not None:
+        from mtlrec.data.synthetic.daily import make_daily_ctr
+
+        write_table(make_daily_ctr(days, rows, seed=seed), output)
+        out.print(f"wrote {days} days of {rows} rows to {output}")
+        return
     write_table(make_ctr_table(rows, seed=seed), output)
+    out.print(f"wrote {rows} rows to {output}")
+
+
+@synth_app.command("funnel")
+@friendly
+def synth_funnel(
+    output: Annotated[Path, typer.Option(help="CSV/Parquet file to write")],
+    rows: Annotated[int, typer.Option(min=1)] = 100_000,
+    seed: Annotated[int, typer.Option(help="seed of the rows")] = 0,
+    model_seed: Annotated[int, typer.Option(help="seed of the hidden model")] = 0,
+    correlation: Annotated[float, typer.Option(help="purchase vs click id effects")] = 0.5,
+) -> None:
+    """A click -> action -> purchase funnel with the true CVR of every row (true_cvr)."""
+    from mtlrec.data.io import write_table
+    from mtlrec.data.synthetic import make_funnel_table
+
+    table = make_funnel_table(rows, seed=seed, model_seed=model_seed, correlation=correlation)
+    write_table(table, output)
     out.print(f"wrote {rows} rows to {output}")
 
 
@@ -352,7 +537,11 @@ _load_command_modules()
 
 
 def main() -> None:
-    """Entry point of the ``mtlrec`` console script."""
+    """Entry point of the ``mtlrec`` console script (opts the process in to the speed and
+    memory settings of :mod:`mtlrec.utils.runtime`; a library import does not)."""
+    from mtlrec.utils.runtime import enable_process_tuning
+
+    enable_process_tuning()
     try:
         app()
     except SystemExit as e:  # click's usage errors already exit with 2

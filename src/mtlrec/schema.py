@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mtlrec.errors import ConfigError
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+_TABLE_ATTRS = ("embedding_dim", "min_count", "max_size", "hash_buckets", "vocab_size")
+"""What features sharing an embedding table must agree on."""
 
 
 class _Feature(BaseModel):
@@ -36,6 +38,12 @@ class _Feature(BaseModel):
 
     name: str = Field(min_length=1)
     column: str | None = Field(default=None, description="source column; defaults to the name")
+    role: Literal["input", "bias"] = Field(
+        default="input",
+        description="'bias': a selection-bias feature (position, device...): never in the main "
+        "model's input, read only by a bias tower (model option bias_tower) in training, and "
+        "not needed to score (prediction, export, serving)",
+    )
 
     @property
     def source(self) -> str:
@@ -55,6 +63,30 @@ class _Categorical(_Feature):
     hash_buckets: int | None = Field(
         default=None, ge=1, description="hash values into this many buckets instead of a vocabulary"
     )
+    vocab_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="pre-indexed ids: the values are integers in [0, vocab_size), used as they "
+        "are (no vocabulary is fitted); out-of-range ids and missing values take the OOV row",
+    )
+
+    @model_validator(mode="after")
+    def _indexed(self) -> _Categorical:
+        if self.vocab_size is not None:
+            other = [
+                k
+                for k, v in (
+                    ("hash_buckets", self.hash_buckets is not None),
+                    ("min_count", self.min_count != 1),
+                    ("max_size", self.max_size is not None),
+                )
+                if v
+            ]
+            if other:
+                raise ValueError(
+                    f"feature {self.name!r}: vocab_size (pre-indexed ids) excludes {other[0]}"
+                )
+        return self
 
     @property
     def table_name(self) -> str:
@@ -125,6 +157,10 @@ class TaskSpec(BaseModel):
         focal_gamma: focusing parameter of the focal loss (Lin et al., 2017).
         focal_alpha: weight of the positive class in the focal loss (None: no class weight).
         huber_delta: threshold of the Huber loss.
+        auxiliary: an auxiliary task: trained (its loss, its metrics), but never exported,
+            served or fused, and left out of ``mean/<metric>`` epoch selection (naming it,
+            ``training.monitor: <task>/auc``, still works). E.g. a domain label learned
+            adversarially (model option ``adversarial_tasks``).
     """
 
     model_config = _FROZEN
@@ -141,6 +177,11 @@ class TaskSpec(BaseModel):
     focal_gamma: float = Field(default=2.0, ge=0)
     focal_alpha: float | None = Field(default=None, gt=0, lt=1)
     huber_delta: float = Field(default=1.0, gt=0)
+    auxiliary: bool = Field(
+        default=False,
+        description="trained, never exported, served, fused or used by mean/<metric> epoch "
+        "selection",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
@@ -207,12 +248,13 @@ class Schema(BaseModel):
         for f in self.features:
             if isinstance(f, _Categorical):
                 first = tables.setdefault(f.table_name, f)
-                for attr in ("embedding_dim", "min_count", "max_size", "hash_buckets"):
+                for attr in _TABLE_ATTRS:
                     if getattr(first, attr) != getattr(f, attr):
                         raise ValueError(
                             f"features {first.name!r} and {f.name!r} share table "
                             f"{f.table_name!r} but differ in {attr}"
                         )
+        _check_roles(self)
         return self
 
     # -- views -------------------------------------------------------------------------------
@@ -232,6 +274,20 @@ class Schema(BaseModel):
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
 
+    @property
+    def primary_tasks(self) -> tuple[TaskSpec, ...]:
+        """The tasks that are exported, served and fused: every task not ``auxiliary``."""
+        return tuple(t for t in self.tasks if not t.auxiliary)
+
+    @property
+    def primary_task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.primary_tasks)
+
+    @property
+    def bias_features(self) -> tuple[Feature, ...]:
+        """The selection-bias features (``role: bias``): read by a bias tower in training only."""
+        return tuple(f for f in self.features if f.role == "bias")
+
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
             if t.name == name:
@@ -247,8 +303,15 @@ class Schema(BaseModel):
         return {k: tuple(v) for k, v in out.items()}
 
     def input_columns(self) -> list[str]:
-        """Every column a data file must hold to be scored (features only)."""
+        """Every feature column, the bias features' included (read to train; a file scored
+        without them is scored as if they were missing: :meth:`scoring_columns`)."""
         cols = [f.source for f in self.features]
+        return list(dict.fromkeys(cols))
+
+    def scoring_columns(self) -> list[str]:
+        """The columns needed to score (prediction, export, serving): the input columns less
+        those read only by bias features (``role: bias``)."""
+        cols = [f.source for f in self.features if f.role != "bias"]
         return list(dict.fromkeys(cols))
 
     def target_columns(self) -> list[str]:
@@ -287,9 +350,40 @@ class Schema(BaseModel):
             raise ConfigError(f"invalid schema: {_first_error(e)}") from None
 
     def fingerprint(self) -> str:
-        """Short hash of the canonical JSON; checkpoints record it to refuse another schema."""
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Short hash of the canonical JSON; checkpoints record it to refuse another schema.
+
+        Options added after a schema was first saved are left out while they hold their
+        default (``vocab_size: null``), so an older run keeps its fingerprint.
+        """
+        data = self.model_dump(mode="json")
+        for f in data["features"]:
+            if f.get("vocab_size", 0) is None:
+                del f["vocab_size"]
+            if f.get("role") == "input":
+                del f["role"]
+        for t in data["tasks"]:
+            if t.get("auxiliary") is False:
+                del t["auxiliary"]
+        canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def _check_roles(schema: Schema) -> None:
+    """Bias features and auxiliary tasks: something is left for the main model."""
+    if all(f.role == "bias" for f in schema.features):
+        raise ValueError("every feature has role 'bias': the main model would read nothing")
+    if all(t.auxiliary for t in schema.tasks):
+        raise ValueError("every task is auxiliary: nothing would be exported or served")
+    roles: dict[str, set[str]] = {}
+    for f in schema.features:
+        if isinstance(f, _Categorical):
+            roles.setdefault(f.table_name, set()).add(f.role)
+    mixed = sorted(k for k, v in roles.items() if len(v) > 1)
+    if mixed:
+        raise ValueError(
+            f"table {mixed[0]!r} is read by a bias feature and by an input feature: a bias "
+            "feature needs a table of its own (the main model never reads it)"
+        )
 
 
 def _first_error(e: ValidationError) -> str:

@@ -95,3 +95,35 @@ def tiny_funnel_dataset(n: int = 200, *, seed: int = 0) -> tuple[Preprocessor, C
     schema = tiny_funnel_schema()
     pre = Preprocessor.fit(schema, table)
     return pre, pre.encode(table)
+
+
+def tiny_bias_schema(dim: int = 4) -> Schema:
+    """:func:`tiny_schema` plus two selection-bias features (``pos``, a pre-indexed position
+    in ``[0, 5)``; ``dev``, an untransformed number; both ``role: bias``) and an auxiliary
+    binary task ``domain`` (label ``domain``), for the bias tower and auxiliary-task options."""
+    base = tiny_schema(dim=dim)
+    return Schema(
+        features=(
+            *base.features,
+            SparseFeature(name="pos", embedding_dim=2, vocab_size=5, role="bias"),
+            DenseFeature(name="dev", role="bias"),
+        ),
+        tasks=(*base.tasks, TaskSpec(name="domain", kind="binary", auxiliary=True)),
+    )
+
+
+def tiny_bias_table(n: int = 200, *, seed: int = 0) -> pa.Table:
+    """:func:`tiny_table` rows with ``pos``, ``dev`` and ``domain`` columns (clicks are not
+    redrawn: the columns only have to be there)."""
+    table = tiny_table(n, seed=seed)
+    rng = np.random.default_rng(seed + 2)
+    table = table.append_column("pos", pa.array(rng.integers(0, 5, n)))
+    table = table.append_column("dev", pa.array(rng.integers(0, 2, n).astype(np.float64)))
+    return table.append_column("domain", pa.array(rng.integers(0, 2, n)))
+
+
+def tiny_bias_dataset(n: int = 200, *, seed: int = 0) -> tuple[Preprocessor, ColumnarDataset]:
+    """Fitted preprocessor and encoded rows of :func:`tiny_bias_schema`."""
+    table = tiny_bias_table(n, seed=seed)
+    pre = Preprocessor.fit(tiny_bias_schema(), table)
+    return pre, pre.encode(table)

@@ -142,3 +142,77 @@ def test_fuse_then_predict_with_the_fusion(fused_run: Path, cli) -> None:  # typ
         probs = {k: t.column(k).to_numpy() for k in ("click", "conv")}
         want = load_fusion(d / fusion)(probs)
         np.testing.assert_allclose(t.column("score").to_numpy(), want, rtol=1e-9)
+
+
+def test_fuse_refuses_to_report_on_its_fit_split_unless_labelled(fused_run: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """Issue 12.10: ``--split test --eval-split test`` is refused; ``--allow-in-sample`` runs it
+    and labels the report in-sample in every output (table, JSON rows, the fusion file)."""
+    d = fused_run
+    common = ["--method", "random", "--budget", "5", "--objective", "click:1,conv:1"]
+    same = ["--split", "test", "--eval-split", "test"]
+    res = cli.run_all(
+        {
+            "refused": ["fuse", "run", "--output", "same.json", *common, *same],
+            "table": [
+                "fuse",
+                "run",
+                "--output",
+                "ins.json",
+                *common,
+                *same,
+                "--allow-in-sample",
+            ],
+            "json": [
+                "fuse",
+                "run",
+                "--output",
+                "ins2.json",
+                *common,
+                *same,
+                "--allow-in-sample",
+                "--json",
+            ],
+            "honest": [
+                "fuse",
+                "run",
+                "--output",
+                "out.json",
+                *common,
+                "--eval-split",
+                "test",
+                "--json",
+            ],
+        },
+        cwd=d,
+    )
+    r = res["refused"]
+    assert r.returncode == 2, r
+    assert "in-sample" in r.stderr and "--allow-in-sample" in r.stderr, r
+    assert "Traceback" not in r.stderr and not (d / "same.json").exists()
+
+    r = res["table"]
+    assert r.returncode == 0, r
+    assert "IN-SAMPLE" in r.stdout and "note: the test figures are in-sample" in r.stdout, r
+    meta = json.loads((d / "ins.json").read_text())["meta"]
+    assert meta["in_sample_eval"] is True
+    assert "test_in_sample_objective" in meta and "test_in_sample_per_task" in meta
+    assert "test_objective" not in meta  # the figure is never stored under the honest name
+
+    r = res["json"]
+    assert r.returncode == 0, r
+    report = json.loads(r.stdout)
+    assert report["in_sample_eval"] is True
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["chosen (test, in-sample)"]["in_sample"] is True
+    assert rows["start (test, in-sample)"]["in_sample"] is False  # not fitted: a baseline
+    assert rows["chosen (test)"]["in_sample"] is True  # the fit split's own row
+
+    r = res["honest"]
+    assert r.returncode == 0, r
+    report = json.loads(r.stdout)
+    assert report["in_sample_eval"] is False
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["chosen (valid)"]["in_sample"] is True
+    assert rows["chosen (test)"]["in_sample"] is False
+    meta = json.loads((d / "out.json").read_text())["meta"]
+    assert "test_objective" in meta and "in_sample_eval" not in meta

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from mtlrec.batch import Batch, Features
 from mtlrec.data.dataset import ColumnarDataset
 from mtlrec.data.preprocess import Preprocessor
+from mtlrec.data.synthetic import funnel_schema, make_funnel_table
 from mtlrec.losses import MultiTaskLoss
 from mtlrec.models import build_model
 from mtlrec.models.base import MultiTaskModel
@@ -29,6 +30,7 @@ from mtlrec.nn.experts import ExpertBank
 from mtlrec.nn.gates import Gate
 from mtlrec.nn.heads import TaskHeads
 from mtlrec.nn.mlp import MLP, ParallelMLP
+from mtlrec.nn.sequence import SequenceExpertBank
 from mtlrec.registry import MODELS
 from mtlrec.schema import DenseFeature, Schema, SequenceFeature, SparseFeature, TaskSpec
 from mtlrec.testing import tiny_dataset, tiny_funnel_dataset
@@ -56,11 +58,17 @@ SMALL_PARAMS: dict[str, dict[str, Any]] = {
     "aitm": {"tower_hidden": (8, 6), "head_hidden": (4,)},
     "stem": {"expert_hidden": (8, 6), "tower_hidden": (4,)},
     "mose": {"bottom_hidden": 6, "num_experts": 3, "expert_hidden": 5, "tower_hidden": (4,)},
+    "snr_trans": {"subnetworks": (3, 2), "subnetwork_hidden": (8, 6), "tower_hidden": (4,)},
+    "snr_aver": {"subnetworks": (3, 2), "subnetwork_hidden": (8, 6), "tower_hidden": (4,)},
+    "esm2": {"tower_hidden": (6,)},
+    "dbmtl": {"bottom_hidden": (8, 6), "tower_hidden": (4,)},
 }
 
 
 # Models whose tasks must be a click -> conversion funnel (ctr, cvr, ctcvr).
-FUNNEL_MODELS = {"esmm"}
+FUNNEL_MODELS = {"esmm", "esm2"}
+# ... of them, those built on a click -> action -> purchase funnel (ctr, ctavr, cvr, ctcvr).
+ACTION_FUNNEL_MODELS = {"esm2"}
 
 
 def small_params(name: str) -> dict[str, Any]:
@@ -70,6 +78,12 @@ def small_params(name: str) -> dict[str, Any]:
 @cache
 def tiny(name: str = "") -> tuple[Preprocessor, ColumnarDataset]:
     """The tiny data set (a click -> conversion funnel for the models that need one)."""
+    if name in ACTION_FUNNEL_MODELS:
+        table = make_funnel_table(
+            64, num_users=20, num_items=30, num_categories=5, click_shift=1.5, buy_shift=2.0
+        )
+        pre = Preprocessor.fit(funnel_schema(4), table)
+        return pre, pre.encode(table)
     if name in FUNNEL_MODELS:
         return tiny_funnel_dataset(n=64, seed=0)
     return tiny_dataset(n=64, seed=0)
@@ -191,65 +205,150 @@ def test_prediction_does_not_depend_on_the_batch(name: str, data: st.DataObject)
 
 
 # -- expert permutation --------------------------------------------------------------------------
-def _models_with_expert_bank() -> list[str]:
-    return [n for n in MODEL_NAMES if isinstance(getattr(build(n), "experts", None), ExpertBank)]
+# The registered models without experts (no expert bank, no gate): not parametrised below. Every
+# other model must have an expert bank that ``permute_experts`` can permute, so a new model with
+# experts cannot skip silently, and a new model without them fails until it is listed here (the
+# list is checked against the models in ``test_models_listed_without_experts_have_none``; a
+# listed name that is not registered is ignored).
+NO_EXPERTS = frozenset(
+    {
+        "aitm",
+        "asymmetric_sharing",
+        "cross_stitch",
+        "customized_sharing",
+        "dbmtl",
+        "esm2",
+        "esmm",
+        "shared_bottom",
+        "single_task",
+        "sluice",
+        "soft_sharing",
+        # SNR: sub-networks (ParallelMLP) joined by per-connection routes, not gates weighing
+        # experts; its permutation invariance is tested in tests/unit/test_models_snr.py
+        "snr_aver",
+        "snr_trans",
+    }
+)
+EXPERT_MODELS = [n for n in MODEL_NAMES if n not in NO_EXPERTS]
+BANKS = (ExpertBank, SequenceExpertBank)
 
 
-def permute_experts(model: nn.Module, perm: Tensor, *, gates: bool = True) -> None:
-    """New expert j := old expert perm[j], in every layer of the bank and every gate."""
-    bank: ExpertBank = model.experts  # type: ignore[assignment]
-    e = bank.num_experts
-    with torch.no_grad():
-        for i, (w, b) in enumerate(zip(bank.weights, bank.biases, strict=True)):
-            if i == 0 and bank.shared_input:
-                d = bank.dims[0]
-                # columns [k*d:(k+1)*d] belong to expert k
-                w.copy_(w.view(w.shape[0], e, d)[:, perm, :].reshape(w.shape[0], e * d))
-                b.copy_(b.view(e, d)[perm].reshape(e * d))
-            else:
-                w.copy_(w[perm])  # [E, in, out]
-                b.copy_(b[perm])  # [E, 1, out]
+def _group_perm(sizes: tuple[int, ...], kind: str) -> Tensor:
+    """A permutation of consecutive groups of members, within every group: ``roll`` (by one)
+    or ``swap`` (the first two). When every group has one member: across all of them.
+
+    The two generate every permutation of a group (of 3 or more): a model that mixes gate
+    column j with an expert other than j passes for at most one of them (a shift, say, commutes
+    with the roll, never with the swap)."""
+    if max(sizes) == 1:
+        sizes = (len(sizes),)
+    parts, lo = [], 0
+    for k in sizes:
+        idx = torch.arange(lo, lo + k)
+        swap = idx[[1, 0, *range(2, k)]] if k > 1 else idx
+        parts.append(torch.roll(idx, 1) if kind == "roll" else swap)
+        lo += k
+    return torch.cat(parts)
+
+
+def _permute_bank_(bank: nn.Module, perm: Tensor) -> None:
+    """New expert j := old expert ``perm[j]``; experts reading their own input slices
+    (``shared_input=False``) take their slice with them (a forward pre-hook)."""
+    if isinstance(bank, SequenceExpertBank):
+        for p in (bank.w_ih, bank.w_hh, bank.b_ih, bank.b_hh):
+            p.copy_(p[perm])  # [K, ...]
+    else:
+        bank.permute_members_(perm)  # type: ignore[operator]
+    if not bank.shared_input:
+        bank.register_forward_pre_hook(lambda _m, args: (args[0][perm], *args[1:]))
+
+
+@torch.no_grad()
+def permute_experts(model: nn.Module, kind: str = "roll", *, gates: bool = True) -> int:
+    """Permute the experts of every expert bank of ``model`` (:func:`_group_perm` of ``kind``),
+    with (``gates``) the columns of the gates that weigh them; returns the number of banks.
+
+    A block that owns a bank and its gates (``experts`` and ``permute_experts_``: a CGC / PLE
+    level, an ML-MMoE level) is permuted by that method, within its expert groups (a task's
+    experts, the shared ones). A bank held by the model itself (MMoE, OMoE, STEM, MoSE) is read
+    by the model's gates over as many experts and permuted within its groups; STEM's one-expert
+    groups, whose gates weigh every expert, are permuted across, each expert with its input
+    slice (its embedding).
+    """
+    blocks = [
+        m for m in model.modules() if hasattr(m, "permute_experts_") and not isinstance(m, Gate)
+    ]
+    inside = {id(x) for b in blocks for x in b.modules()}
+    for b in blocks:
+        perm = _group_perm(b.experts.group_sizes, kind)
         if gates:
-            for g in model.modules():
-                if isinstance(g, Gate) and g.num_experts == e:
-                    last = g.net.layers[-1]
-                    last.weight.copy_(last.weight[perm])  # [E, hidden]
-                    last.bias.copy_(last.bias[perm])
+            b.permute_experts_(perm)
+        else:
+            b.experts.permute_members_(perm)
+    free_gates = [g for g in model.modules() if isinstance(g, Gate) and id(g) not in inside]
+    banks = [
+        b for b in model.modules() if isinstance(b, BANKS) and id(b) not in inside and b.num > 1
+    ]
+    sizes = [b.num for b in banks]
+    for bank in banks:
+        assert sizes.count(bank.num) == 1, (
+            f"two banks of {bank.num} experts: which gates read which?"
+        )
+        readers = [g for g in free_gates if g.num_experts == bank.num]
+        assert readers, f"no gate weighs the {bank.num} experts of a {type(bank).__name__}"
+        perm = _group_perm(getattr(bank, "group_sizes", (bank.num,)), kind)
+        _permute_bank_(bank, perm)
+        for g in readers if gates else []:
+            g.permute_experts_(perm)
+    return len(blocks) + len(banks)
 
 
-@pytest.mark.parametrize("gate_hidden", [(), (5,)])
-@pytest.mark.parametrize("name", MODEL_NAMES)
+def _permutation_cases() -> list[tuple[str, tuple[int, ...]]]:
+    """Every model with experts, with its default gates and (where it has the option) gates
+    with a hidden layer."""
+    return [
+        (n, gh)
+        for n in EXPERT_MODELS
+        for gh in [(), (5,)]
+        if not gh or "gate_hidden" in MODELS.get(n).params.model_fields
+    ]
+
+
+@pytest.mark.parametrize(("name", "gate_hidden"), _permutation_cases())
 def test_expert_permutation_leaves_outputs_unchanged(name: str, gate_hidden: tuple) -> None:
-    if not isinstance(getattr(build(name), "experts", None), ExpertBank):
-        pytest.skip(f"{name} has no expert bank")
-    params = small_params(name)
-    if gate_hidden:
-        if "gate_hidden" not in MODELS.get(name).params.model_fields:
-            pytest.skip(f"{name} has no gate_hidden option")
-        params["gate_hidden"] = gate_hidden
+    params = small_params(name) | ({"gate_hidden": gate_hidden} if gate_hidden else {})
     _, ds = tiny(name)
     feats = ds.features_at(slice(0, 16))
     model = build(name, params=params).eval()
-    e = model.experts.num_experts
-    perm = torch.roll(torch.arange(e), 1)
     with torch.no_grad():
         ref = model(feats)
-        permute_experts(model, perm)
-        out = model(feats)
-    for k, v in ref.logits.items():
-        torch.testing.assert_close(out.logits[k], v, atol=1e-5, rtol=1e-5)
-    for k, v in ref.gates.items():
-        torch.testing.assert_close(out.gates[k], v[:, perm], atol=1e-6, rtol=1e-5)
+    assert ref.gates, f"{name} reports no gates"
+    prev = ref
+    for kind in ("roll", "swap"):  # one after the other
+        with torch.no_grad():
+            assert permute_experts(model, kind) > 0, f"{name}: no expert bank; see NO_EXPERTS"
+            out = model(feats)
+        for k, v in ref.logits.items():
+            where = f"{name}, {kind}: logits of {k}"
+            torch.testing.assert_close(
+                out.logits[k], v, atol=1e-5, rtol=1e-5, msg=lambda m, w=where: f"{w}: {m}"
+            )
+        for k, v in ref.gates.items():  # every gate row: its weights, in the experts' new order
+            torch.testing.assert_close(out.gates[k].sort(-1).values, v.sort(-1).values)
+        assert any(not torch.allclose(out.gates[k], v) for k, v in prev.gates.items()), kind
+        prev = out
     # permuting the experts without their gates does change the outputs (the test has teeth)
     other = build(name, params=params).eval()
     with torch.no_grad():
-        permute_experts(other, perm, gates=False)
+        permute_experts(other, gates=False)
         moved = other(feats)
     assert any(not torch.allclose(moved.logits[k], v, atol=1e-5) for k, v in ref.logits.items())
 
 
-def test_some_registered_model_has_an_expert_bank() -> None:
-    assert _models_with_expert_bank(), "no registered model exposes an ExpertBank"
+@pytest.mark.parametrize("name", sorted(NO_EXPERTS & set(MODEL_NAMES)))
+def test_models_listed_without_experts_have_none(name: str) -> None:
+    found = [type(m).__name__ for m in build(name).modules() if isinstance(m, (*BANKS, Gate))]
+    assert not found, f"{name} is listed in NO_EXPERTS but has {found}"
 
 
 # -- shared / task-specific partition --------------------------------------------------------------
@@ -426,3 +525,63 @@ def test_eval_mode_is_deterministic_with_dropout(name: str) -> None:
         model.train()
         c = model(feats)
     assert any(not torch.allclose(c.logits[k], v) for k, v in a.logits.items())
+
+
+# -- options any model takes: bias tower, adversarial auxiliary task, next-item loss ---------------
+# Every registered model (but the funnel ones) with all three options on :func:`tiny_bias_dataset`
+# (bias features ``pos``, ``dev``; an auxiliary ``domain`` task; the ``hist`` sequence).
+OPTIONS: dict[str, Any] = {
+    "bias_tower": {"tasks": ["click", "watch"], "hidden": [4], "serve_as": {"pos": 0}},
+    "adversarial_tasks": {"domain": 0.5},
+    "next_item": {"feature": "hist", "negatives": 2},
+}
+OPTION_MODELS = [n for n in MODEL_NAMES if n not in FUNNEL_MODELS]
+
+
+@cache
+def tiny_options() -> tuple[Preprocessor, ColumnarDataset]:
+    from mtlrec.testing import tiny_bias_dataset
+
+    return tiny_bias_dataset(n=64, seed=0)
+
+
+def build_with_options(name: str, seed: int = 0) -> MultiTaskModel:
+    # gelu: no unit of the tiny towers is dead for every row (relu's can be, for some seeds)
+    params = {**small_params(name), **OPTIONS, "activation": "gelu"}
+    return build(name, seed=seed, pre=tiny_options()[0], params=params)
+
+
+@pytest.mark.parametrize("name", OPTION_MODELS)
+def test_options_every_parameter_gets_a_gradient(name: str) -> None:
+    pre, ds = tiny_options()
+    model = build_with_options(name)
+    assert {"bias_tower", "next_item"} <= {n for n, _ in model.named_children()}
+    ctx = make_context(model, pre.schema)
+    batch = ds.take(slice(0, len(ds)))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    results = [train_step(ctx, batch) for _ in range(3)]
+    assert all(np.isfinite(float(r.objective)) for r in results)
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: {pname} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
+        assert not torch.equal(p.detach(), before[pname]), f"{name}: {pname} was not updated"
+
+
+@pytest.mark.parametrize("name", OPTION_MODELS)
+@settings(deadline=None, max_examples=5)
+@given(data=st.data())
+def test_options_prediction_does_not_depend_on_the_batch(name: str, data: st.DataObject) -> None:
+    pre, ds = tiny_options()
+    model = _options_eval_model(name)
+    idx = data.draw(st.lists(st.integers(0, len(ds) - 1), min_size=1, max_size=16), label="rows")
+    pos = data.draw(st.integers(0, len(idx) - 1), label="pos")
+    with torch.no_grad():
+        together = model(_features(ds, idx)).predictions(pre.schema.tasks)
+        alone = model(_features(ds, [idx[pos]])).predictions(pre.schema.tasks)
+    for t in pre.schema.tasks:
+        torch.testing.assert_close(together[t.name][pos], alone[t.name][0], atol=1e-5, rtol=1e-5)
+
+
+@cache
+def _options_eval_model(name: str) -> MultiTaskModel:
+    return build_with_options(name, seed=3).eval()

@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from torch import nn
+from torch.optim import Adam, AdamW
 
 import mtlrec.train.checkpoint as ckpt_mod
 from mtlrec.errors import CheckpointError
@@ -20,7 +21,6 @@ from mtlrec.train.checkpoint import (
     restore_model,
     save_checkpoint,
 )
-from mtlrec.train.optimizers import Adam
 from mtlrec.weighting.build import build_weighting
 
 
@@ -84,7 +84,7 @@ def test_resumed_optimizer_continues_bit_exactly(tmp_path: Path) -> None:
     path = tmp_path / "c.safetensors"
     # run A: 3 steps, checkpoint, 4 more steps
     model_a = _model(0)
-    opt_a = Adam(model_a.parameters(), lr=0.01, weight_decay=0.01, decoupled=True)
+    opt_a = AdamW(model_a.parameters(), lr=0.01, weight_decay=0.01)
     torch.manual_seed(7)
     _steps(model_a, opt_a, 3)
     save_checkpoint(path, model=model_a, optimizer=opt_a)
@@ -92,7 +92,7 @@ def test_resumed_optimizer_continues_bit_exactly(tmp_path: Path) -> None:
 
     # run B: other initial weights, a fresh optimiser and a scrambled RNG, then restore
     model_b = _model(123)
-    opt_b = Adam(model_b.parameters(), lr=0.5, weight_decay=0.01, decoupled=True)
+    opt_b = AdamW(model_b.parameters(), lr=0.5, weight_decay=0.01)
     torch.manual_seed(999)
     ck = load_checkpoint(path)
     restore_model(model_b, ck.model, source=str(path))
@@ -253,6 +253,55 @@ def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "dir.safetensors").mkdir()
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "dir.safetensors")
+
+
+# -- how to recover from an unreadable checkpoint ------------------------------------------------
+def _run_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A run folder with config.yaml and both checkpoints (best after epoch 2, last after 3)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("version: 1\n")
+    best, last = run / "checkpoints" / "best.safetensors", run / "checkpoints" / "last.safetensors"
+    save_checkpoint(best, model=_model(0), meta={"trainer": {"epoch": 2}})
+    save_checkpoint(last, model=_model(0), meta={"trainer": {"epoch": 3}})
+    return run, best, last
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_best_points_to_last_and_to_retraining(tmp_path: Path) -> None:
+    run, best, last = _run_folder(tmp_path)
+    _truncate(best)
+    msg = _assert_clean_error(best, "corrupt or truncated")
+    assert f"{last} loads" in msg and "epoch 3" in msg and f"copy it over {best}" in msg
+    assert f"mtlrec train {run / 'config.yaml'} --output {run} --overwrite" in msg
+    assert "\n" not in msg
+
+
+def test_truncated_last_points_to_best_to_resume_from(tmp_path: Path) -> None:
+    _run, best, last = _run_folder(tmp_path)
+    _truncate(last)
+    msg = _assert_clean_error(last, "corrupt or truncated")
+    assert f"{best} loads" in msg and "epoch 2" in msg and "resume" in msg
+    assert "--overwrite" in msg
+
+
+def test_both_checkpoints_unreadable_leaves_retraining(tmp_path: Path) -> None:
+    _run, best, last = _run_folder(tmp_path)
+    _truncate(best)
+    last.write_bytes(b"\x00" * 64)
+    msg = _assert_clean_error(best, "corrupt or truncated")
+    assert "does not load either" in msg and "--overwrite" in msg
+
+
+def test_corrupt_checkpoint_outside_a_run_folder_says_to_retrain(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, model=_model(0))
+    _truncate(path)
+    _assert_clean_error(path, "corrupt or truncated", "to recover, retrain")
 
 
 # -- restore_model -------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_unknown_key_in_the_schema_is_rejected() -> None:
 
 
 def test_error_names_the_source() -> None:
-    with pytest.raises(ConfigError, match=r"^my\.yaml: training\.bogus: unknown key$"):
+    with pytest.raises(ConfigError, match=r"^my\.yaml: training\.bogus: unknown key"):
         ExperimentConfig.from_dict(_with("training.bogus", 1), source="my.yaml")
 
 
@@ -360,3 +360,156 @@ def test_census_example_configs_load_and_validate(path: Path) -> None:
     assert ExperimentConfig.from_dict(yaml.safe_load(cfg.to_yaml())).model_dump() == (
         cfg.model_dump()
     )
+
+
+# -- errors that say what to do (issue 13) -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "closest"),
+    [
+        ("trainig", "training"),
+        ("training.epochz", "epochs"),
+        ("training.optimizer.lrr", "lr"),
+        ("training.early_stopping.patince", "patience"),
+        ("data.splitt", "split"),
+        ("data.split.fractons", "fractions"),
+        ("model.parms", "params"),
+    ],
+)
+def test_unknown_key_suggests_the_closest_valid_one(path: str, closest: str) -> None:
+    msg = _err(_with(path, 1))
+    assert f"{path}: unknown key (did you mean {closest!r}?)" in msg, msg
+
+
+def test_unknown_key_of_a_feature_or_task_suggests_the_closest_field() -> None:
+    d = _base()
+    d["schema"]["features"][0]["embeding_dim"] = 4
+    msg = _err(d)
+    assert "embeding_dim: unknown key (did you mean 'embedding_dim'?)" in msg, msg
+    d = _base()
+    d["schema"]["tasks"][0]["lable"] = "y"
+    msg = _err(d)
+    assert "schema.tasks.0.lable: unknown key (did you mean 'label'?)" in msg, msg
+
+
+def test_unknown_key_without_a_close_one_lists_the_valid_keys() -> None:
+    msg = _err(_with("training.early_stopping.zzz", 1))
+    assert "valid keys here: patience, min_delta" in msg, msg
+
+
+def test_set_of_a_mistyped_key_suggests_the_closest(tmp_path: Path) -> None:
+    p = _write(tmp_path, _base())
+    with pytest.raises(ConfigError, match=r"training\.epochz: unknown key \(did you mean 'epochs'"):
+        ExperimentConfig.load(p, ["training.epochz=3"])
+
+
+@pytest.mark.parametrize(
+    ("registry", "typo", "closest"),
+    [(MODELS, "mmoee", "mmoe"), (MODELS, "MMoE", "mmoe"), (WEIGHTINGS, "gradnrom", "gradnorm")],
+)
+def test_mistyped_registry_name_suggests_the_closest(
+    registry: Any, typo: str, closest: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"did you mean '{closest}'\?\); choose from: "):
+        registry.get(typo)
+
+
+def test_mistyped_fusion_name_suggests_the_closest() -> None:
+    from mtlrec.registry import FUSIONS
+
+    with pytest.raises(ConfigError, match=r"did you mean 'weighted_sum'\?"):
+        FUSIONS.get("weighted_summ")
+
+
+def test_unknown_model_parameter_suggests_the_closest_and_lists_them() -> None:
+    with pytest.raises(ConfigError) as e:
+        MODELS.parse_params("mmoe", {"num_expert": 3})
+    msg = str(e.value)
+    assert "model 'mmoe' has no parameter num_expert (did you mean 'num_experts'?)" in msg
+    assert "it takes: " in msg and "expert_hidden" in msg and "mtlrec list mmoe" in msg
+
+
+def test_registry_describes_parameters_with_types_defaults_and_help() -> None:
+    rows = {p.name: p for p in MODELS.describe("mmoe")}
+    assert rows["num_experts"].type.startswith("int") and rows["num_experts"].default == "8"
+    assert rows["tower_hidden"].type == "list[int]"
+    assert rows["tower_hidden"].default == "[64]"
+    assert rows["tower_hidden"].help == "hidden widths of towers"
+    assert rows["dropout"].type == "float (>= 0.0, < 1.0)"
+    assert rows["activation"].default == '"relu"'
+    assert rows["expert_hidden"].type == "list[int] (len >= 1)"
+
+
+# -- switching model from the command line (issue 13) ------------------------------------------
+def test_switching_model_keeps_shared_parameters_and_warns_about_the_rest(
+    tmp_path: Path,
+) -> None:
+    from mtlrec.config import ConfigWarning
+
+    d = _with("model.params.tower_hidden", [4])  # num_experts, expert_hidden, tower_hidden
+    p = _write(tmp_path, d)
+    with pytest.warns(ConfigWarning, match=r"model 'ple' has no parameter num_experts") as w:
+        cfg = ExperimentConfig.load(p, ["model.name=ple"])
+    assert cfg.model.name == "ple"
+    assert cfg.model.params == {"expert_hidden": [8], "tower_hidden": [4]}
+    assert "kept: expert_hidden, tower_hidden" in str(w[0].message)
+    MODELS.parse_params("ple", cfg.model.params)  # builds
+    # the same from Python
+    with pytest.warns(ConfigWarning, match="num_experts"):
+        same = ExperimentConfig.from_dict(d).with_model("ple")
+    assert same.model == cfg.model
+
+
+def test_switching_model_strictly_fails_listing_the_new_models_parameters(
+    tmp_path: Path,
+) -> None:
+    p = _write(tmp_path, _base())
+    with pytest.raises(ConfigError) as e:
+        ExperimentConfig.load(p, ["model.name=ple"], strict=True)
+    msg = str(e.value)
+    assert "model 'ple' has no parameter num_experts" in msg and "written for 'mmoe'" in msg
+    for name in MODELS.param_names("ple"):
+        assert name in msg
+    with pytest.raises(ConfigError, match="num_experts"):
+        ExperimentConfig.from_dict(_base()).with_model("ple", strict=True)
+
+
+def test_switching_model_keeps_parameters_given_for_the_new_model(tmp_path: Path) -> None:
+    import warnings
+
+    p = _write(tmp_path, _base())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped: no warning
+        cfg = ExperimentConfig.load(p, ["model.name=mmoe", "model.params.num_experts=5"])
+    assert cfg.model.params == {"num_experts": 5, "expert_hidden": [8]}
+    with pytest.warns(Warning, match="num_experts"):
+        cfg = ExperimentConfig.load(p, ["model.name=ple", "model.params.experts_per_task=2"])
+    assert cfg.model.params == {"expert_hidden": [8], "experts_per_task": 2}
+    # a whole new params section is the new model's: nothing to switch, strict validation
+    cfg = ExperimentConfig.load(p, ["model.name=ple", "model.params={num_levels: 1}"])
+    assert cfg.model.params == {"num_levels": 1}
+
+
+def test_switching_to_an_unknown_model_suggests_the_closest(tmp_path: Path) -> None:
+    p = _write(tmp_path, _base())
+    with pytest.raises(ConfigError, match=r"unknown model 'plee' \(did you mean 'ple'\?\)"):
+        ExperimentConfig.load(p, ["model.name=plee"])
+
+
+# -- where relative data paths start -----------------------------------------------------------
+def test_a_config_may_name_its_base_dir_relative_to_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    p = _write(tmp_path / "sub", {**_base(), "base_dir": ".."})
+    cfg = ExperimentConfig.load(p)
+    assert Path(cfg.resolve_path("rows.csv")).resolve() == (tmp_path / "rows.csv").resolve()
+
+
+def test_yaml_with_base_dir_reads_the_same_data_from_anywhere(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.load(_write(tmp_path, _base()))
+    text = cfg.to_yaml(with_base_dir=True)
+    assert yaml.safe_load(text)["base_dir"] == str(tmp_path.resolve())
+    elsewhere = tmp_path / "moved" / "run"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.yaml").write_text(text)
+    again = ExperimentConfig.load(elsewhere / "config.yaml")
+    assert again.resolve_path("rows.csv") == cfg.resolve_path("rows.csv")
+    assert again.model_dump() == cfg.model_dump()

@@ -322,7 +322,7 @@ def test_dense_non_numeric_string_names_column_and_row() -> None:
         DenseEncoder().encode(pa.array(["1", None, "2", "abc", "x"]), file="d.csv", name="price")
     e = info.value
     assert (e.file, e.column, e.row) == ("d.csv", "price", 4)
-    assert str(e).startswith("file d.csv, column 'price', row 4:")
+    assert str(e).startswith("file d.csv, column 'price', data row 4:")
 
 
 def test_dense_non_numeric_in_csv_file_reports_data_row(tmp_path) -> None:

@@ -1,24 +1,33 @@
 """Export to ONNX / TorchScript: parity with eager PyTorch, dynamic batch, named outputs,
-encoders in the folder, clear errors."""
+encoders in the folder, clear errors.
+
+Every registered model is exported in both formats; a model that fails to build, train or
+validate on the tiny data fails its test (it is never skipped). ESMM, which needs a click ->
+conversion funnel, is exported from a run on :func:`funnel_run`'s schema.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from mtlrec.config import ExperimentConfig
 from mtlrec.errors import CheckpointError, ConfigError
 from mtlrec.registry import MODELS
 from mtlrec.testing import tiny_table
-from mtlrec.train.run import load_run
+from mtlrec.train.run import load_run, train_run
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from _serving_runs import make_run
+from _serving_runs import FEATURES, make_run, small_params
 
 from mtlrec.export import (
     ExportedModel,
@@ -28,19 +37,63 @@ from mtlrec.export import (
 )
 
 CORE = ("mmoe", "shared_bottom", "single_task")
+# models that need a click -> conversion funnel (ctr, cvr masked by click, ctcvr)
+FUNNEL_MODELS = ("esmm", "esm2")
+# ESM² on this funnel: it has no post-click action label, so the action stays latent
+FUNNEL_PARAMS: dict[str, dict[str, Any]] = {"esm2": {"ctavr_task": None}}
+FUNNEL_TASKS: list[dict[str, Any]] = [
+    {"name": "ctr", "kind": "binary", "label": "click"},
+    {"name": "cvr", "kind": "binary", "label": "buy", "mask": "click"},
+    {"name": "ctcvr", "kind": "binary", "label": "buy"},
+]
+LABELS = ("click", "watch", "buy")
+
+
+def funnel_table(n: int, seed: int = 0) -> pa.Table:
+    """:func:`tiny_table` rows with a conversion label ``buy`` (1 only on clicked rows)."""
+    table = tiny_table(n, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    click = table.column("click").to_numpy()
+    buy = click * (rng.random(n) < 0.4).astype(np.int64)
+    return table.append_column("buy", pa.array(buy))
+
+
+def funnel_run(folder: Path, model: str, rows: int = 300) -> Path:
+    """Train ``model`` for one epoch on the funnel schema (the tiny features; tasks ctr, cvr,
+    ctcvr); returns the run folder. Errors propagate: a model that cannot be built fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "funnel.parquet"
+    if not data.is_file():
+        pq.write_table(funnel_table(rows), data)
+    cfg = ExperimentConfig.from_dict(
+        {
+            "data": {"train": str(data), "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0}},
+            "schema": {"features": FEATURES, "tasks": FUNNEL_TASKS},
+            "model": {"name": model, "params": small_params(model) | FUNNEL_PARAMS.get(model, {})},
+            "training": {
+                "epochs": 1,
+                "batch_size": 64,
+                "optimizer": {"lr": 0.01},
+                "progress": False,
+                "num_threads": 1,
+            },
+            "output_dir": str(folder / f"run-{model}"),
+        }
+    )
+    return train_run(cfg, overwrite=True).path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
+    """``runs(model)``: a trained run folder of ``model`` (built once per module). A model that
+    cannot be built or trained raises here, so its tests fail rather than skip."""
     root = tmp_path_factory.mktemp("runs")
     cache: dict[str, Path] = {}
 
     def get(model: str) -> Path:
         if model not in cache:
-            try:
-                cache[model] = make_run(root, model)
-            except ConfigError as e:
-                pytest.skip(f"{model} cannot be trained on the tiny two-task schema: {e}")
+            make = funnel_run if model in FUNNEL_MODELS else make_run
+            cache[model] = make(root, model)
         return cache[model]
 
     return get
@@ -67,21 +120,25 @@ def _eager_predictions(run: Path, rows) -> dict[str, np.ndarray]:
 
 
 def _check_export(run: Path, out: Path, fmt: str) -> None:
+    tasks = [t.name for t in load_run(run).schema.tasks]
+    funnel = run.name.removeprefix("run-") in FUNNEL_MODELS
+    assert tasks == (["ctr", "cvr", "ctcvr"] if funnel else ["click", "watch"])
     man = json.loads((out / "manifest.json").read_text())
     assert man["format"] == fmt
-    assert [o["name"] for o in man["outputs"]] == ["click", "watch"]
+    assert [o["name"] for o in man["outputs"]] == tasks
     assert [i["name"] for i in man["inputs"]] == ["sparse", "dense", "seq_hist"]
     assert [i["dtype"] for i in man["inputs"]] == ["int32", "float32", "int32"]
     assert man["parity"]["max_abs_diff"] <= 1e-5
     assert (out / "schema.json").read_text() == (run / "schema.json").read_text()
     assert (out / "encoders.json").read_text() == (run / "encoders.json").read_text()
     m = ExportedModel.load(out)
-    rows = tiny_table(80, seed=3).drop(["click", "watch"])
+    rows = funnel_table(80, seed=3).drop(list(LABELS))
     want = _eager_predictions(run, rows)
+    assert set(want) == set(tasks)
     for n in (1, 37, 80):  # dynamic batch size
         got = m.score_raw(rows.slice(0, n))
-        assert set(got) == {"click", "watch"}
-        for task in ("click", "watch"):
+        assert set(got) == set(tasks)
+        for task in tasks:
             assert got[task].shape == (n,)
             np.testing.assert_allclose(got[task], want[task][:n], atol=1e-5, rtol=0)
 
@@ -166,7 +223,6 @@ def test_input_names_follow_the_schema(runs) -> None:
 
 
 def test_fusion_adds_a_score(runs, tmp_path: Path) -> None:
-    pytest.importorskip("mtlrec.fusion")
     fusion = tmp_path / "fusion.json"
     fusion.write_text(
         json.dumps(
@@ -201,3 +257,45 @@ def test_cli_export_prints_parity_and_fails_clearly(runs, tmp_path: Path) -> Non
     assert r.exit_code == 2
     assert "not an mtlrec run folder" in r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_esmm_export_keeps_the_funnel(runs, tmp_path: Path, fmt: str) -> None:
+    """The exported ESMM answers pCTR, pCVR and pCTCVR = pCTR x pCVR, as the eager model."""
+    run = runs("esmm")
+    res = export_run(run, tmp_path / fmt, format=fmt)
+    assert res.outputs == ["ctr", "cvr", "ctcvr"]
+    m = ExportedModel.load(tmp_path / fmt)
+    rows = funnel_table(50, seed=7).drop(list(LABELS))
+    got = m.score_raw(rows)
+    np.testing.assert_allclose(got["ctcvr"], got["ctr"] * got["cvr"], rtol=1e-5, atol=1e-7)
+    want = _eager_predictions(run, rows)
+    for task in ("ctr", "cvr", "ctcvr"):
+        assert np.all((got[task] > 0) & (got[task] < 1))
+        np.testing.assert_allclose(got[task], want[task], atol=1e-5, rtol=0)
+
+
+# -- options any model takes (bias tower, adversarial auxiliary task, next-item loss) -----------
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("model", ["ple", "dbmtl"])
+def test_export_parity_with_the_model_options(tmp_path: Path, model: str, fmt: str) -> None:
+    """A run with every model option exports with parity: no bias input (the rows are scored
+    without ``pos`` / ``dev``), no output for the auxiliary ``domain`` task."""
+    from _option_runs import OPTIONS, options_run
+
+    from mtlrec.testing import tiny_bias_table
+
+    if model not in MODELS:
+        pytest.skip(f"{model} is not registered")
+    run = options_run(tmp_path / "runs", model, options={**OPTIONS, "activation": "gelu"})
+    res = export_run(run, tmp_path / fmt, format=fmt)
+    assert res.outputs == ["click", "watch"] and res.max_abs_diff <= 1e-5
+    m = ExportedModel.load(tmp_path / fmt)
+    assert m.inputs == ["sparse", "dense", "seq_hist"]
+    rows = tiny_bias_table(60, seed=9).drop(["click", "watch", "domain"])
+    want = _eager_predictions(run, rows)
+    for n in (1, 60):
+        got = m.score_raw(rows.slice(0, n).drop(["pos", "dev"]))
+        assert set(got) == {"click", "watch"}
+        for task in ("click", "watch"):
+            np.testing.assert_allclose(got[task], want[task][:n], atol=1e-5, rtol=0)

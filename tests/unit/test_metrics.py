@@ -457,8 +457,9 @@ def test_metricset_gather_sees_every_array() -> None:
     m = MetricSet(_schema(with_groups=True))
     m.update(preds, batch)
     res = m.compute(gather=twice)
-    assert len(seen) == 9  # three tasks x (preds, labels, groups)
-    assert seen[-3] == (30, 3)
+    assert len(seen) == 12  # three tasks x (preds, labels, groups, form of the scores)
+    assert seen[-4] == (30, 3)
+    assert seen[-1] == (1,)
     assert res["click"]["count"] == 60
     assert res["click"]["auc"] == pytest.approx(m.compute()["click"]["auc"], abs=1e-12)
 

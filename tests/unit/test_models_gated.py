@@ -27,6 +27,7 @@ from mtlrec.nn.experts import ExpertBank
 from mtlrec.nn.extraction import ExtractionLevel
 from mtlrec.nn.gates import Gate, GateBank, GateOutput, code_matrices, gate_penalty, smooth_step
 from mtlrec.schema import DenseFeature, Schema, SparseFeature, TaskSpec
+from mtlrec.testing import tiny_dataset
 
 TASKS = ("a", "b", "c")
 GATED = ("mmoe", "omoe", "cgc", "ple", "ml_mmoe")
@@ -84,24 +85,52 @@ def task_loss(model: MultiTaskModel, task: str, b=None) -> Tensor:
 
 
 def per_expert_grad(bank: ExpertBank, grads: list[Tensor]) -> Tensor:
-    """Sum of |gradient| of every expert of a bank, ``[E]``, from grads of its parameters."""
+    """Sum of |gradient| of every expert of a bank, ``[E]``, from the grads of its stacked
+    weights and biases (layer by layer: weights, then biases)."""
     e = bank.num_experts
+    n = len(bank.dims)
     total = torch.zeros(e)
     for i, g in enumerate(grads):
-        if i < len(bank.weights) and i == 0 and bank.shared_input:
+        if i == 0 and bank.shared_input:
             total += g.abs().view(g.shape[0], e, -1).sum((0, 2))  # weight [in, E*d]
-        elif i == len(bank.weights) and bank.shared_input:
+        elif i == n and bank.shared_input:
             total += g.abs().view(e, -1).sum(1)  # first bias [E*d]
         else:
             total += g.abs().flatten(1).sum(1)  # [E, ...]
     return total
 
 
+def stacked(bank: ExpertBank, layer: int, kind: str, per_group: list[Tensor]) -> Tensor:
+    """One layer's tensors of every group of a bank (``per_group``), stacked over experts."""
+    axis = 1 if layer == 0 and bank.shared_input and kind == "weights" else 0
+    return torch.cat(per_group, dim=axis)
+
+
 def bank_grads(model: MultiTaskModel, loss: Tensor, bank: ExpertBank) -> Tensor:
-    params = [*bank.weights, *bank.biases]
+    groups = list(bank.groups) if bank.grouped else [bank]
+    n = len(bank.dims)
+    params = [
+        getattr(grp, kind)[i] for kind in ("weights", "biases") for i in range(n) for grp in groups
+    ]
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-    return per_expert_grad(bank, grads)
+    k = len(groups)
+    per_layer = [
+        stacked(bank, i, kind, grads[(j * n + i) * k : (j * n + i + 1) * k])
+        for j, kind in enumerate(("weights", "biases"))
+        for i in range(n)
+    ]
+    return per_expert_grad(bank, per_layer)
+
+
+def expert_last_bias(bank: ExpertBank, e: int) -> Tensor:
+    """Expert ``e``'s bias of the bank's last layer (a view of its group's parameter)."""
+    lo = 0
+    for g, size in enumerate(bank.group_sizes):
+        if e < lo + size:
+            return bank.groups[g].biases[-1][e - lo]
+        lo += size
+    raise IndexError(e)
 
 
 # -- shapes ------------------------------------------------------------------------------------
@@ -156,9 +185,9 @@ def test_each_task_stream_reads_exactly_its_own_and_the_shared_experts(shared_ga
         with torch.no_grad():
             ref, _ = lvl(x)
             for e in range(t * m + s):
-                lvl.experts.biases[-1][e] += 1.0
+                expert_last_bias(lvl.experts, e).add_(1.0)
                 out, _ = lvl(x)
-                lvl.experts.biases[-1][e] -= 1.0
+                expert_last_bias(lvl.experts, e).sub_(1.0)
                 changed = {i for i in range(out.shape[0]) if not torch.allclose(out[i], ref[i])}
                 own = {e // m} if e < t * m else set(range(t))
                 want = own | ({t} if shared_gate else set())
@@ -197,13 +226,14 @@ def test_cgc_gradient_isolation_at_its_level() -> None:
 
 def test_task_gates_of_the_last_level_are_isolated() -> None:
     model = build("ple", num_levels=2)
-    net = model.levels[-1].task_gates.net  # ParallelMLP over the task gates: member = task
+    gates = model.levels[-1].task_gates  # one parameter group per task gate
     for k, task in enumerate(TASKS):
         loss = task_loss(model, task)
-        grads = torch.autograd.grad(loss, list(net.weights))
         for j in range(3):
-            gj = grads[-1][j]  # [in, width] of gate j (own input: stacked per member)
-            assert (gj.abs().sum() > 0) == (j == k)
+            own = gates.gate_parameters(j)
+            grads = torch.autograd.grad(loss, own, retain_graph=True, allow_unused=True)
+            reached = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+            assert reached == (j == k), (task, j)
 
 
 # -- parameter counts --------------------------------------------------------------------------
@@ -257,6 +287,160 @@ def test_ple_parameter_count(levels: int, m: int, s: int, gh: tuple) -> None:
     assert sum(p.numel() for p in model.parameters()) == want
 
 
+# -- per-task parameter groups (issue 12.11) ---------------------------------------------------
+def build_any(name: str, **over: Any) -> tuple[MultiTaskModel, Preprocessor, ColumnarDataset]:
+    """A gated model on the three-task data (MoSE, which needs a sequence, on the tiny data)."""
+    if name == "mose":
+        pre, ds = tiny_dataset(n=96, seed=0)
+        torch.manual_seed(1)
+        p = {"bottom_hidden": 6, "num_experts": 3, "expert_hidden": 5, **over}
+        return build_model("mose", pre.schema, pre.table_sizes(), p), pre, ds
+    pre, ds = data3()
+    torch.manual_seed(1)
+    p = {"expert_hidden": (8, 6), **over}
+    return build_model(name, pre.schema, pre.table_sizes(), p), pre, ds
+
+
+def own_group_size(name: str, model: MultiTaskModel, p: dict[str, Any]) -> int:
+    """Closed form of the size of one task's group: its tower, its gate(s) and its own
+    experts (and STEM's own embedding tables), from the model's options only."""
+    d = model.embedding.out_dim if name != "stem" else model.embeddings["__shared__"].out_dim
+    h, gh, tw = list(p.get("expert_hidden", ())), list(p.get("gate_hidden", ())), [4]
+    if name == "mose":
+        return _mlp_params([5 + d, *tw, 1]) + _mlp_params([6 + d, *gh, 3])
+    tower = _mlp_params([h[-1], *tw, 1])
+    if name == "omoe":
+        return tower  # one gate for every task: nothing but the tower is the task's
+    if name == "mmoe":
+        return tower + _mlp_params([d, *gh, p["num_experts"]])
+    if name == "ml_mmoe":
+        ins = [d] + [h[-1]] * (p["num_levels"] - 1)
+        return tower + sum(_mlp_params([i, *gh, p["num_experts"]]) for i in ins)
+    if name == "stem":
+        t = len(model.task_names)
+        return tower + _mlp_params([2 * d, *gh, t + 1]) + _mlp_params([d, *h]) + _emb_params(model)
+    m, s_, levels = p["experts_per_task"], p["shared_experts"], p.get("num_levels", 1)
+    ins = [d] + [h[-1]] * (levels - 1)
+    return tower + sum(m * _mlp_params([i, *h]) + _mlp_params([i, *gh, m + s_]) for i in ins)
+
+
+GROUPED_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("mmoe", {"num_experts": 3}),
+    ("omoe", {"num_experts": 3}),
+    ("cgc", {"experts_per_task": 2, "shared_experts": 1}),
+    ("ple", {"num_levels": 2, "experts_per_task": 2, "shared_experts": 1}),
+    ("ple", {"num_levels": 3, "experts_per_task": 1, "shared_experts": 2, "gate_hidden": (5,)}),
+    ("ml_mmoe", {"num_levels": 2, "num_experts": 3}),
+    ("ml_mmoe", {"num_levels": 3, "num_experts": 2, "gate_hidden": (5,)}),
+    ("stem", {}),
+    ("mose", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "over"), GROUPED_CASES, ids=[n for n, _ in GROUPED_CASES])
+def test_a_task_group_holds_its_tower_gates_and_own_experts(name: str, over: dict) -> None:
+    """``task_group_parameters`` (a task's optimiser group, ``task_lr``) holds the task's tower,
+    gate(s) and task-specific experts at every level, as docs/balancing.md says; it is a
+    superset of ``task_parameters`` (used by gradient strategies); groups are disjoint."""
+    # tanh: no dead ReLU unit can hide a parameter from its task's loss
+    p = {"expert_hidden": (8, 6), "tower_hidden": (4,), "activation": "tanh", **over}
+    if name == "mose":
+        p = {"tower_hidden": (4,), "activation": "tanh", **over}
+    model, pre, ds = build_any(name, **p)
+    every = {id(q) for q in model.parameters()}
+    tables = {id(q) for q in model.embedding_parameters()}
+    seen: set[int] = set()
+    b = ds.take(slice(0, len(ds)))
+    for task in model.task_names:
+        group = model.task_group_parameters(task)
+        ids = [id(q) for q in group]
+        assert len(ids) == len(set(ids)) and set(ids) <= every, f"{name}: duplicates or strays"
+        assert not set(ids) & seen, f"{name}: {task}'s group overlaps another task's"
+        seen |= set(ids)
+        assert {id(q) for q in model.task_parameters(task)} <= set(ids), f"{name}: {task}"
+        if name != "stem":  # STEM's task embedding is the task's own table
+            assert not set(ids) & tables, f"{name}: an embedding table in {task}'s group"
+        size = sum(q.numel() for q in group)
+        assert size == own_group_size(name, model, p), f"{name}: {task}'s group size {size}"
+        # every parameter of the group works for this task: its loss reaches each of them
+        spec = next(t for t in pre.schema.tasks if t.name == task)
+        loss = MultiTaskLoss([spec])(model(b.features), b)[task]
+        grads = torch.autograd.grad(loss, group, allow_unused=True)
+        for q, g in zip(group, grads, strict=True):
+            assert g is not None and bool(g.any()), f"{name}: {task} does not reach {q.shape}"
+
+
+def test_ple_lower_level_task_experts_are_grouped_but_shared() -> None:
+    """PLE's task experts below the last level belong to their task's optimiser group, yet
+    every task's loss reaches them (through the next level's shared gate): gradient strategies
+    must still see them as shared parameters, and the last level's as the task's own."""
+    model = build("ple", num_levels=3, experts_per_task=2, shared_experts=1)
+    shared = {id(q) for q in model.shared_parameters()}
+    for k, task in enumerate(TASKS):
+        group = {id(q) for q in model.task_group_parameters(task)}
+        own = {id(q) for q in model.task_parameters(task)}
+        for i, lvl in enumerate(model.levels):
+            experts = {id(q) for q in lvl.task_experts_parameters(k)}
+            gate = {id(q) for q in lvl.task_gate_parameters(k)}
+            assert experts <= group and gate <= group, (task, i)
+            last = i == len(model.levels) - 1
+            assert (experts <= own) == last and (experts <= shared) == (not last), (task, i)
+            assert (gate <= own) == (i >= len(model.levels) - 2), (task, i)  # see task_parameters
+        other = TASKS[(k + 1) % 3]
+        g = torch.autograd.grad(
+            task_loss(model, other), model.levels[0].task_experts_parameters(k), allow_unused=True
+        )
+        assert any(x is not None and bool(x.any()) for x in g), "lower experts are not shared"
+
+
+@pytest.mark.parametrize("name", ["cgc", "ple", "ml_mmoe"])
+def test_checkpoints_of_the_stacked_layout_load_into_the_grouped_banks(name: str) -> None:
+    """Before the per-task groups, a level's experts and gates were stacked tensors
+    (``weights.<layer>``); such a state dict loads (split by owner) and predicts the same."""
+    model = build(name).eval()
+    state = model.state_dict()
+    stacked: dict[str, Tensor] = {}
+    for key, v in state.items():
+        head, sep, rest = key.partition(".groups.")
+        if not sep:
+            stacked[key] = v
+            continue
+        _, kind, layer = rest.split(".")
+        net = model.get_submodule(head)
+        sizes = net.group_sizes
+        pieces = [state[f"{head}.groups.{g}.{kind}.{layer}"] for g in range(len(sizes))]
+        axis = 1 if int(layer) == 0 and net.shared_input and kind == "weights" else 0
+        stacked[f"{head}.{kind}.{layer}"] = torch.cat(pieces, dim=axis)
+    assert any(".groups." in k for k in state) and not any(".groups." in k for k in stacked)
+    fresh = build(name, seed=7).eval()
+    fresh.load_state_dict(stacked)
+    with torch.no_grad():
+        a, b = model(batch(16).features).logits, fresh(batch(16).features).logits
+    for t in TASKS:
+        torch.testing.assert_close(a[t], b[t], rtol=0, atol=0)
+
+
+def test_per_task_learning_rate_moves_only_the_tasks_group() -> None:
+    """A task's learning rate reaches its own experts and gate: with every other group frozen
+    (lr 0), a step changes exactly the parameters of that task's group."""
+    model = build("cgc", experts_per_task=2, shared_experts=1)
+    groups = {t: model.task_group_parameters(t) for t in TASKS}
+    taken = {id(q) for g in groups.values() for q in g}
+    rest = [q for q in model.parameters() if id(q) not in taken]
+    opt = torch.optim.SGD(
+        [{"params": groups["b"], "lr": 0.1}, {"params": groups["a"] + groups["c"] + rest}], lr=0.0
+    )
+    before = {id(q): q.detach().clone() for q in model.parameters()}
+    b = batch()
+    losses = MultiTaskLoss(data3()[0].schema.tasks)(model(b.features), b)
+    sum(losses.values()).backward()
+    opt.step()
+    moved = {id(q) for q in model.parameters() if not torch.equal(q.detach(), before[id(q)])}
+    assert moved == {id(q) for q in groups["b"]}
+    lvl = model.levels[0]
+    assert {id(q) for q in lvl.task_parameters(1)} <= moved  # b's own experts and gate
+
+
 # -- training ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "opts",
@@ -286,10 +470,10 @@ def test_ml_mmoe_with_one_level_is_mmoe() -> None:
         mm.embedding.load_state_dict(ml.embedding.state_dict())
         mm.experts.load_state_dict(lvl.experts.state_dict())
         mm.heads.load_state_dict(ml.heads.state_dict())
-        w, bias = lvl.gates.net.weights[0], lvl.gates.net.biases[0]  # [in, T*E], [T*E]
         for k, t in enumerate(TASKS):
-            mm.gates[t].net.layers[0].weight.copy_(w[:, k * 3 : (k + 1) * 3].T)
-            mm.gates[t].net.layers[0].bias.copy_(bias[k * 3 : (k + 1) * 3])
+            gate = lvl.gates.net.groups[k]  # gate k's first layer: [in, E], [E]
+            mm.gates[t].net.layers[0].weight.copy_(gate.weights[0].T)
+            mm.gates[t].net.layers[0].bias.copy_(gate.biases[0])
         a, b = ml(batch().features), mm(batch().features)
     for t in TASKS:
         torch.testing.assert_close(a.logits[t], b.logits[t], atol=1e-5, rtol=1e-5)

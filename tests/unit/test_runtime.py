@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,3 +46,93 @@ def test_a_large_mapped_tensor_is_unmapped_when_freed() -> None:
     del view
     gc.collect()
     assert _mapped_kb() - before < 1024
+
+
+# -- ports (issue 17.12) -------------------------------------------------------------------------
+def _http_server(port: int) -> Any:
+    """A real HTTP server process on ``port`` (it exits at once if the port is taken)."""
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).parent,
+    )
+
+
+def _ready(proc: Any, port: int) -> bool:
+    from mtlrec.utils.runtime import http_ok
+
+    return http_ok(f"http://127.0.0.1:{port}/")
+
+
+def _stop(proc: Any) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_a_port_taken_between_choice_and_bind_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Simulated race: the first port handed out is held by this test (as another process
+    would hold it after free_port chose it); the server fails to bind it, and the helper
+    starts it again on another port."""
+    import socket
+
+    from mtlrec.utils import runtime
+
+    real = runtime.free_port
+    handed: list[int] = []
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+
+        def chooser() -> int:
+            handed.append(taken if not handed else real())
+            return handed[-1]
+
+        monkeypatch.setattr(runtime, "free_port", chooser)
+        proc, port = runtime.start_on_free_port(_http_server, _ready, timeout=60)
+        try:
+            assert handed[0] == taken and len(handed) == 2
+            assert port == handed[1] != taken
+            assert proc.poll() is None
+            assert _ready(proc, port)
+        finally:
+            _stop(proc)
+
+
+def test_a_server_failing_for_another_reason_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+
+    from mtlrec.utils import runtime
+
+    calls: list[int] = []
+
+    def start(port: int) -> Any:
+        calls.append(port)
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+
+    proc, port = runtime.start_on_free_port(start, lambda p, q: False, timeout=60)
+    assert calls == [port]
+    assert proc.wait(timeout=30) == 3
+    with pytest.raises(ValueError, match="attempts"):
+        runtime.start_on_free_port(start, lambda p, q: False, attempts=0)
+
+
+def test_port_in_use_and_free_port() -> None:
+    import socket
+
+    from mtlrec.utils.runtime import free_port, port_in_use
+
+    port = free_port()
+    assert not port_in_use(port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert port_in_use(port)

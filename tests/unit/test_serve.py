@@ -119,6 +119,48 @@ def test_malformed_json_oversized_body_and_wrong_method(client: TestClient) -> N
     assert client.get("/score").status_code == 405
 
 
+@pytest.fixture(scope="module")
+def roomy(run: Path) -> TestClient:
+    """A service that takes requests of several megabytes (and 50,000 candidates)."""
+    return TestClient(create_app(Scorer.load(run), max_candidates=50_000, max_body_bytes=16 << 20))
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["too_many_candidates", "huge_string", "many_bad_values", "huge_unknown_key", "not_a_list"],
+)
+def test_a_large_bad_request_is_not_echoed_back(
+    client: TestClient, roomy: TestClient, what: str
+) -> None:
+    row = _rows(1)[0]
+    big = "x" * (3 << 20)
+    c, body = {
+        "too_many_candidates": (client, {"candidates": [row] * 20_000}),
+        "huge_string": (roomy, {"candidates": [{**row, "price": big}]}),
+        "many_bad_values": (roomy, {"candidates": [{**row, "price": "cheap" * 100}] * 20_000}),
+        "huge_unknown_key": (roomy, {"candidates": [{**row, big: 1}]}),
+        "not_a_list": (roomy, {"candidates": {str(i): row for i in range(20_000)}}),
+    }[what]
+    if c is client:  # the small service's body limit would answer 413 first
+        c = TestClient(
+            create_app(client.app.state.scorer, max_candidates=MAX, max_body_bytes=16 << 20)
+        )
+    sent = len(json.dumps(body))
+    assert sent > 1 << 20
+    r = c.post("/score", json=body)
+    assert r.status_code == 422, r.text[:500]
+    assert len(r.content) < 64 << 10, f"{len(r.content)} bytes answered to {sent} sent"
+    detail = r.json()["detail"]
+    assert detail and all("loc" in d and "msg" in d for d in detail)
+    assert detail[0]["loc"][:2] == ["body", "candidates"]
+
+
+def test_a_small_bad_input_is_still_echoed_whole(client: TestClient) -> None:
+    r = client.post("/score", json={"candidates": [{**_rows(1)[0], "price": "cheap"}]})
+    assert r.status_code == 422
+    assert [d["input"] for d in r.json()["detail"]] == ["cheap"]
+
+
 def test_integers_and_integral_floats_are_categories(client: TestClient) -> None:
     row = {**_rows(1)[0], "user": 7}
     a = client.post("/score", json={"candidates": [row]}).json()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtlrec.data.split import hash_split, splitmix64
+from mtlrec.data.split import hash_part, hash_split, splitmix64
 
 
 def assignment(n: int, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> np.ndarray:
@@ -79,3 +79,76 @@ def test_splitmix64_known_values() -> None:
     # seeded with 0 are 0xE220A8397B1DCDAF and 0x6E789E6AA1B965F4
     x = np.array([0, 0x9E3779B97F4A7C15], dtype=np.uint64)
     assert splitmix64(x).tolist() == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+
+
+# -- pinned outputs and independence of seeds (issue 17.4) -------------------------------------
+# Computed once from the implementation (SplitMix64 of ``row ^ seed * 0x94D049BB133111EB``, top
+# 53 bits as u in [0, 1)). A change here re-splits every user's data: it must be deliberate.
+PINNED_60_20_20 = {
+    0: "2000001011000100000100121110011220002122",
+    1: "1000002000002021100001211200001000010020",
+    7: "2122010210000022000000021021010100000002",
+    2**40 + 3: "0002010000022210200010000010022220100000",
+}
+PINNED_DECILES = {
+    0: "85514373660357453507207966755768",
+    3: "33697833886916684526178103449527",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(PINNED_60_20_20))
+def test_hash_part_pinned_to_known_assignments(seed: int) -> None:
+    rows = np.arange(40, dtype=np.uint64)
+    got = "".join(map(str, hash_part(rows, (0.6, 0.2, 0.2), seed=seed).tolist()))
+    assert got == PINNED_60_20_20[seed]
+    assert "".join(map(str, assignment(40, seed=seed).tolist())) == PINNED_60_20_20[seed]
+
+
+@pytest.mark.parametrize("seed", sorted(PINNED_DECILES))
+def test_hash_part_pinned_to_known_deciles(seed: int) -> None:
+    """Ten equal parts pin ``u`` to a tenth: a changed shift or scale moves most rows."""
+    rows = np.arange(32, dtype=np.uint64)
+    got = "".join(map(str, hash_part(rows, (0.1,) * 10, seed=seed).tolist()))
+    assert got == PINNED_DECILES[seed]
+
+
+def test_hash_split_pinned_rows_and_large_row_numbers() -> None:
+    parts = hash_split(20, (0.3, 0.3, 0.4), seed=11)
+    assert [p.tolist() for p in parts] == [
+        [1, 2, 8, 13, 14, 15, 16, 19],
+        [5, 6, 7, 11, 12, 17],
+        [0, 3, 4, 9, 10, 18],
+    ]
+    rows = np.array([0, 1, 2, 3, 10**12, 2**63, 2**64 - 1], dtype=np.uint64)
+    assert hash_part(rows, (0.5, 0.5), seed=5).tolist() == [1, 1, 0, 1, 0, 0, 0]
+
+
+# Independent assignments with fractions .6/.2/.2 agree on .36 + .04 + .04 = 44% of rows.
+AGREE = 0.44
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b))
+
+
+@pytest.mark.parametrize(("s", "t"), [(0, 1), (1, 2), (0, 2), (5, 1000), (0, 2**31 + 1)])
+def test_different_seeds_agree_as_independent_draws(s: int, t: int) -> None:
+    n = 20_000  # sd of the agreement of independent draws: sqrt(.44 * .56 / n) = 0.0035
+    assert abs(_agreement(assignment(n, seed=s), assignment(n, seed=t)) - AGREE) < 0.02
+
+
+def test_a_seed_is_not_a_shift_of_another() -> None:
+    """Seed s must not be seed 0 read from another row (e.g. the seed added to the row number):
+    for every small shift, both ways, the shifted assignments agree only as independent ones."""
+    n, max_shift = 6_000, 64
+    base = assignment(n + max_shift, seed=0)
+    worst = 0.0
+    for s in range(1, 9):
+        other = assignment(n + max_shift, seed=s)
+        for k in range(max_shift + 1):
+            worst = max(
+                worst,
+                abs(_agreement(other[:n], base[k : k + n]) - AGREE),
+                abs(_agreement(base[:n], other[k : k + n]) - AGREE),
+            )
+    assert worst < 0.04  # 6.4 sd of independent draws over n rows; a shift agrees on 100%

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim import Adam
 
 from mtlrec.autograd import multitask_backward
 from mtlrec.config import OptimizerConfig, TrainingConfig
@@ -16,8 +17,7 @@ from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
 from mtlrec.testing import tiny_dataset
 from mtlrec.train.checkpoint import load_checkpoint
-from mtlrec.train.optim import build_optimizer
-from mtlrec.train.optimizers import Adam
+from mtlrec.train.optimizers import build_optimizer
 from mtlrec.train.trainer import Trainer
 from mtlrec.weighting import build_weighting
 from mtlrec.weighting._solvers import min_norm_weights, project_simplex
@@ -340,7 +340,7 @@ def test_dwa_formula_and_epoch_windows() -> None:
 
 
 def test_famo_weights_and_logit_update() -> None:
-    s = build_weighting("famo", TASKS)
+    s = build_weighting("famo", TASKS, {"update": "next_batch"})
     w = s.weights(torch.tensor([1.0, 4.0]))
     torch.testing.assert_close(w, torch.tensor([1.6, 0.4]))  # 2 * (1/L) / sum(1/L)
     s.on_step_end(torch.tensor([1.0, 1.0]))

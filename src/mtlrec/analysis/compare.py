@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mtlrec.analysis.gates import GateEntropyLogger, expert_utilisation, flag_experts
+from mtlrec.analysis.gates import GateEntropyLogger, expert_utilisation, gate_flags
 from mtlrec.config import ExperimentConfig
 from mtlrec.errors import ConfigError
 from mtlrec.metrics import HIGHER_IS_BETTER
@@ -451,7 +451,7 @@ def run_compare(
                 "utilisation": u,
                 "entropy": ent,
                 "max_entropy": per_seed[0][g]["max_entropy"],
-                **flag_experts(u),
+                **gate_flags(g, u),
             }
     result.seconds = time.perf_counter() - t0
     write_compare(result, out)

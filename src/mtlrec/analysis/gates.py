@@ -11,6 +11,10 @@
     than a tenth of its uniform share);
   - *collapsed gate*: one expert takes more than ``collapse_weight`` (default 0.9) of the mean
     weight, i.e. the gate is close to a fixed one-hot choice.
+* **Routes** (SNR, Ma et al., AAAI 2019): a gate named ``route:<source>-><target>`` is one
+  connection's ``(P(open), P(closed))``, ``P(open) = P(z != 0)`` of its hard-concrete variable.
+  :func:`routing_matrices` gathers them into one matrix of open probabilities per routing layer
+  (targets x sources); :func:`gate_flags` flags a route as closed instead of dead / collapsed.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from torch import Tensor
 
 from mtlrec.data.dataset import ColumnarDataset
 from mtlrec.models.base import ModelOutput, MultiTaskModel
+from mtlrec.nn.routing import ROUTE_PREFIX
 from mtlrec.train.callbacks import Callback
 
 if TYPE_CHECKING:
-    from mtlrec.train.trainer import Trainer, TrainState
+    from mtlrec.train.state import TrainState
+    from mtlrec.train.trainer import Trainer
 
 DEAD_FRACTION = 0.1
 """An expert is dead when its mean weight is below ``DEAD_FRACTION / num_experts``."""
@@ -98,6 +104,73 @@ def flag_experts(
         "dead_threshold": dead_fraction / e,
         "collapse_threshold": collapse_weight,
     }
+
+
+CLOSED_PROBABILITY = 0.05
+"""A route is reported closed when its mean ``P(open)`` is below this."""
+
+
+def is_route(name: str) -> bool:
+    """Whether gate ``name`` is a routing connection (``route:<source>-><target>``)."""
+    return name.startswith(ROUTE_PREFIX) and "->" in name
+
+
+def gate_flags(name: str, utilisation: list[float]) -> dict[str, Any]:
+    """:func:`flag_experts` for an expert gate; for a route, its open probability and whether
+    it is closed (``P(open) < CLOSED_PROBABILITY``), with no dead or collapsed flags."""
+    if not is_route(name):
+        return flag_experts(utilisation)
+    p = float(utilisation[0])
+    return {
+        "dead": [],
+        "collapsed": False,
+        "top": None,
+        "open": p,
+        "closed": p < CLOSED_PROBABILITY,
+    }
+
+
+def routing_matrices(gates: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The routing gates of a gate summary as matrices of open probabilities.
+
+    Args:
+        gates: gate name -> ``{"utilisation": [P(open), P(closed)], ...}`` (as returned by
+            :func:`expert_utilisation`, or a comparison's mean over seeds); other gates are
+            ignored.
+
+    Returns:
+        One entry per routing layer, keyed ``"<source level> -> <target level>"`` (a source
+        ``sub0.2`` is in level ``sub0``; tasks are the level ``towers``): ``{"sources": [...],
+        "targets": [...], "open": [[P(open) or None per source] per target]}``. Empty without
+        routing gates.
+
+    Example:
+        >>> g = {"route:sub0.0->a": {"utilisation": [0.9, 0.1]},
+        ...      "route:sub0.1->a": {"utilisation": [0.2, 0.8]}}
+        >>> routing_matrices(g)["sub0 -> towers"]["open"]
+        [[0.9, 0.2]]
+    """
+    layers: dict[str, dict[tuple[str, str], float]] = {}
+    for name, info in gates.items():
+        if not is_route(name) or not info.get("utilisation"):
+            continue
+        src, dst = name[len(ROUTE_PREFIX) :].split("->", 1)
+        level = src.rsplit(".", 1)[0]
+        layers.setdefault(level, {})[(src, dst)] = float(info["utilisation"][0])
+    out: dict[str, dict[str, Any]] = {}
+    for level, conns in layers.items():
+        sources = list(dict.fromkeys(s for s, _ in conns))
+        targets = list(dict.fromkeys(t for _, t in conns))
+        # targets in one level of sub-networks (sub1.0, sub1.1) or the task towers
+        tl = {
+            t.rsplit(".", 1)[0] if t.startswith("sub") and "." in t else "towers" for t in targets
+        }
+        out[f"{level} -> {tl.pop() if len(tl) == 1 else 'towers'}"] = {
+            "sources": sources,
+            "targets": targets,
+            "open": [[conns.get((s, t)) for s in sources] for t in targets],
+        }
+    return out
 
 
 class GateEntropyLogger(Callback):

@@ -3,11 +3,13 @@
 Sections (each when its input is in the folder):
 
 * comparison (``compare.json``): the table of test metrics, mean ± sd, MTL gain and seesaw;
-  the seesaw bars (gain per task and model); expert-utilisation heatmaps; label correlation;
+  the seesaw bars (gain per task and model); expert-utilisation heatmaps; routing heatmaps
+  (SNR: the open probability of every connection, per routing layer); label correlation;
   loss and metric curves of every run under ``runs/``;
 * run (``metrics.jsonl``): training loss and validation metric per task and epoch, gate
   entropy over training, expert utilisation (``gates.json``), test metrics (``summary.json``);
 * study (``study.json``): test loss vs task correlation, loss curves, trainability histograms;
+* tuning (``tune.json``, ``mtlrec tune``): validation metric vs latency, the Pareto front;
 * fusion: every ``fusion*.json`` / ``fusion*.md`` file of the folder, shown as it is.
 
 Plots are PNG images drawn with matplotlib (the ``plot`` extra; Agg backend) and inlined as
@@ -133,11 +135,21 @@ def gate_entropy_plot(records: list[dict[str, Any]], title: str) -> str:
     rec = [r for r in records if r.get("gate_entropy")]
     if not rec:
         return ""
+    from mtlrec.analysis.gates import is_route
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [r["epoch"] for r in rec]
+    routes = [g for g in rec[0]["gate_entropy"] if is_route(g)]
     for g in rec[0]["gate_entropy"]:
-        ax.plot([r["epoch"] for r in rec], [r["gate_entropy"].get(g) for r in rec], ".-", label=g)
-    util = rec[0].get("gate_utilisation", {})
+        if not is_route(g):
+            ax.plot(epochs, [r["gate_entropy"].get(g) for r in rec], ".-", label=g)
+    if routes:  # SNR: one line, the mean binary entropy of its connections
+        mean = [sum(r["gate_entropy"].get(g, math.nan) for g in routes) / len(routes) for r in rec]
+        ax.plot(epochs, mean, ".-", label=f"routes (mean of {len(routes)})")
+    util = {g: u for g, u in rec[0].get("gate_utilisation", {}).items() if not is_route(g)}
+    if routes and not util:
+        ax.axhline(math.log(2), color="grey", ls="--", lw=0.8, label="undecided route (log 2)")
     if util:
         e = len(next(iter(util.values())))
         ax.axhline(math.log(e), color="grey", ls="--", lw=0.8, label=f"uniform (log {e})")
@@ -149,8 +161,13 @@ def gate_entropy_plot(records: list[dict[str, Any]], title: str) -> str:
 
 
 def gate_heatmap(gates: dict[str, dict[str, Any]], title: str) -> str:
-    """Rows: gates (tasks); columns: experts; cell: mean gate weight."""
-    rows = {g: v["utilisation"] for g, v in gates.items() if v.get("utilisation")}
+    """Rows: gates (tasks); columns: experts; cell: mean gate weight (routes excluded: see
+    :func:`routing_heatmap`)."""
+    from mtlrec.analysis.gates import is_route
+
+    rows = {
+        g: v["utilisation"] for g, v in gates.items() if v.get("utilisation") and not is_route(g)
+    }
     if not rows:
         return ""
     plt = _plt()
@@ -170,6 +187,40 @@ def gate_heatmap(gates: dict[str, dict[str, Any]], title: str) -> str:
     return _img(fig, f"gate heatmap {title}")
 
 
+def routing_heatmap(gates: dict[str, dict[str, Any]], title: str) -> str:
+    """One heatmap per routing layer (SNR): rows targets, columns sources, cell the
+    connection's open probability ``P(z != 0)`` (0: closed, 1: always open)."""
+    from mtlrec.analysis.gates import routing_matrices
+
+    layers = routing_matrices(gates)
+    if not layers:
+        return ""
+    plt = _plt()
+    fig, axes = plt.subplots(
+        1,
+        len(layers),
+        figsize=(
+            sum(1.5 + 0.7 * len(v["sources"]) for v in layers.values()),
+            1.2 + 0.5 * max(len(v["targets"]) for v in layers.values()),
+        ),
+        squeeze=False,
+    )
+    for ax, (key, v) in zip(axes[0], layers.items(), strict=True):
+        grid = [[math.nan if p is None else p for p in row] for row in v["open"]]
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(v["sources"])), v["sources"], rotation=30)
+        ax.set_yticks(range(len(v["targets"])), v["targets"])
+        for i, row in enumerate(grid):
+            for j, p in enumerate(row):
+                if not math.isnan(p):
+                    c = "k" if p > 0.6 else "w"  # readable on viridis' light end
+                    ax.text(j, i, f"{p:.2f}", ha="center", va="center", fontsize=7, color=c)
+        ax.set_title(key, fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), label="P(open)")
+    fig.suptitle(title)
+    return _img(fig, f"routing heatmap {title}")
+
+
 def _run_section(folder: Path, name: str) -> str:
     parts = [f"<h2>Run {html.escape(name)}</h2>"]
     recs = _read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
@@ -177,7 +228,9 @@ def _run_section(folder: Path, name: str) -> str:
         parts.append(run_curves({name: recs}, name))
         parts.append(gate_entropy_plot(recs, f"{name}: gate entropy over training"))
     if (folder / "gates.json").is_file():
-        parts.append(gate_heatmap(_read_json(folder / "gates.json"), f"{name}: expert use"))
+        gates = _read_json(folder / "gates.json")
+        parts.append(gate_heatmap(gates, f"{name}: expert use"))
+        parts.append(routing_heatmap(gates, f"{name}: open routes"))
     if (folder / "summary.json").is_file():
         s = _read_json(folder / "summary.json")
         test = s.get("test") or {}
@@ -231,6 +284,7 @@ def _compare_section(folder: Path) -> str:
         parts.append("<h2>Expert utilisation (test split)</h2>")
         for m, gates in cmp.gates.items():
             parts.append(gate_heatmap(gates, m))
+            parts.append(routing_heatmap(gates, f"{m}: open routes"))
             flags = [
                 f"{g}: dead experts {v['dead']}" if v.get("dead") else "" for g, v in gates.items()
             ] + [f"{g}: collapsed" for g, v in gates.items() if v.get("collapsed")]
@@ -318,6 +372,23 @@ def _study_section(folder: Path) -> str:
     return "\n".join(parts)
 
 
+def _tune_section(folder: Path) -> str:
+    """``mtlrec tune``'s folder: the quality / latency plot and the trials, front marked."""
+    from mtlrec.analysis.tuning import load_tune, pareto_figure, table_rows
+
+    res = load_tune(folder)
+    header, rows = table_rows(res)
+    return "\n".join(
+        [
+            "<h2>Tuning</h2>",
+            f"<p>validation {html.escape(res['metric'])} against inference latency "
+            f"({html.escape(res['latency'])}); * marks the Pareto front.</p>",
+            _img(pareto_figure(res, _plt()), "quality vs latency"),
+            _table(header, rows),
+        ]
+    )
+
+
 def _fusion_section(folder: Path) -> str:
     files = sorted(folder.glob("fusion*.json")) + sorted(folder.glob("fusion*.md"))
     if not files:
@@ -344,10 +415,13 @@ def build_report(folder: str | Path) -> str:
         sections.append(_study_section(p))
     if (p / "metrics.jsonl").is_file():
         sections.append(_run_section(p, p.name))
+    if (p / "tune.json").is_file():
+        sections.append(_tune_section(p))
     fusion = _fusion_section(p)
     if not sections and not fusion:
         raise ConfigError(
-            f"{p}: nothing to report (no compare.json, study.json, metrics.jsonl or fusion*.json)"
+            f"{p}: nothing to report (no compare.json, study.json, metrics.jsonl, tune.json "
+            "or fusion*.json)"
         )
     sections.append(fusion)
     title = f"mtlrec report: {html.escape(p.resolve().name)}"

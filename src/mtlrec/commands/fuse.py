@@ -73,6 +73,13 @@ def register(app: typer.Typer) -> None:
         eval_split: Annotated[
             str | None, typer.Option(help="also report start vs chosen on this split (test)")
         ] = None,
+        allow_in_sample: Annotated[
+            bool,
+            typer.Option(
+                help="allow --eval-split to be the fit split; every output then labels that "
+                "report in-sample (optimistic)"
+            ),
+        ] = False,
         budget: Annotated[int, typer.Option(min=1, help="parameter vectors to evaluate")] = 200,
         seed: Annotated[int, typer.Option()] = 0,
         high: Annotated[float | None, typer.Option(help="upper bound of every weight")] = None,
@@ -122,6 +129,14 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--calibrate {calibrate!r}: choose none, platt or isotonic")
         if output.suffix != ".json":
             raise ConfigError(f"--output {output}: the fusion file must end in .json")
+        in_sample = eval_split is not None and eval_split == split
+        if in_sample and not allow_in_sample:
+            raise ConfigError(
+                f"--eval-split {eval_split} is the split the fusion is fitted on (--split "
+                f"{split}): a figure measured there is in-sample and overstates the fusion. "
+                "Fit on valid and report on test (--split valid --eval-split test), or pass "
+                "--allow-in-sample to report it labelled as in-sample"
+            )
         loaded = load_run(run)
         held = run_predictions(loaded, split)
         coefs = parse_task_values(objective, "--objective") or dict.fromkeys(held.binary_tasks, 1.0)
@@ -207,7 +222,8 @@ def register(app: typer.Typer) -> None:
             m = obj.per_task(np.asarray(f({t: h.probs[t] for t in fused}, h.groups)))
             return m, obj.value(m)[0]
 
-        rows: list[tuple[str, np.ndarray, float, str]] = []
+        # (name, per-task metric, objective, parameters, measured on the split it was fit on)
+        rows: list[tuple[str, np.ndarray, float, str, bool]] = []
         m0, v0 = measure(start, held, target)
         m1, v1 = measure(chosen, held, target)
         chosen.meta.update(
@@ -220,21 +236,28 @@ def register(app: typer.Typer) -> None:
             }
         )
         rows += [
-            (f"start ({split})", m0, v0, _params(start)),
-            (f"chosen ({split})", m1, v1, _params(chosen)),
+            (f"start ({split})", m0, v0, _params(start), False),
+            (f"chosen ({split})", m1, v1, _params(chosen), True),
         ]
+        # the report on another split; on the fit split itself (--allow-in-sample) every
+        # output names it in-sample: table rows and title, JSON rows, the fusion file's meta
+        tag = f"{eval_split}, in-sample" if in_sample else f"{eval_split}"
+        key = f"{eval_split}_in_sample" if in_sample else f"{eval_split}"
         if eval_split is not None:
-            other = run_predictions(loaded, eval_split)
+            other = held if in_sample else run_predictions(loaded, eval_split)
             obj2 = FusionObjective(
                 other.labels, **{**obj_kw, "masks": other.masks, "groups": other.groups}
             )
             e0, w0 = measure(start, other, obj2)
             e1, w1 = measure(chosen, other, obj2)
-            rows += [(f"start ({eval_split})", e0, w0, ""), (f"chosen ({eval_split})", e1, w1, "")]
-            chosen.meta[f"{eval_split}_objective"] = w1
-            chosen.meta[f"{eval_split}_per_task"] = dict(
-                zip(target.tasks, e1.tolist(), strict=True)
-            )
+            rows += [
+                (f"start ({tag})", e0, w0, "", False),
+                (f"chosen ({tag})", e1, w1, "", in_sample),
+            ]
+            chosen.meta[f"{key}_objective"] = w1
+            chosen.meta[f"{key}_per_task"] = dict(zip(target.tasks, e1.tolist(), strict=True))
+            if in_sample:
+                chosen.meta["in_sample_eval"] = True
         save_fusion(chosen, output)
         front = result.pareto() if result is not None else []
         if plot is not None and result is not None:
@@ -246,13 +269,15 @@ def register(app: typer.Typer) -> None:
                 json.dumps(
                     {
                         "fusion": chosen.to_dict(),
+                        "in_sample_eval": in_sample,
                         "rows": [
                             {
                                 "name": n,
                                 "per_task": dict(zip(target.tasks, m.tolist(), strict=True)),
                                 "objective": v,
+                                "in_sample": fitted_here,
                             }
-                            for n, m, v, _ in rows
+                            for n, m, v, _, fitted_here in rows
                         ],
                         "pareto": [
                             {
@@ -276,15 +301,25 @@ def register(app: typer.Typer) -> None:
         table = Table(
             title=f"fusion {method} on {held.name}: objective = "
             + " + ".join(f"{c:g}*{metric}({t})" for t, c in coefs.items())
+            + (
+                f"; the {eval_split} rows are IN-SAMPLE (fitted on that split: optimistic)"
+                if in_sample
+                else ""
+            )
         )
         table.add_column("fusion")
         for t in target.tasks:
             table.add_column(f"{t} {metric}", justify="right")
         table.add_column("objective", justify="right")
         table.add_column("parameters")
-        for name, m, v, params in rows:
+        for name, m, v, params, _ in rows:
             table.add_row(name, *[f"{x:.5f}" for x in m], f"{v:.5f}", params)
         out.print(table)
+        if in_sample:
+            out.print(
+                f"note: the {eval_split} figures are in-sample (the fusion was fitted on "
+                f"{eval_split}); they overstate how it does on new data"
+            )
         if result is not None:
             pt = Table(
                 title=f"Pareto front of the per-task {metric}s: {len(front)} of "

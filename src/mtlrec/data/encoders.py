@@ -3,7 +3,8 @@
 * :class:`CategoricalEncoder` — one per embedding table (features sharing a table share one
   vocabulary). Id 0 is padding, id 1 the out-of-vocabulary id (unknown, rare or missing values),
   real values start at 2, most frequent first. With ``hash_buckets`` the vocabulary is replaced
-  by a stable hash (blake2b) of the value.
+  by a stable hash (blake2b) of the value; with ``vocab_size`` (pre-indexed ids) an integer
+  ``v`` in ``[0, vocab_size)`` is used as it is (id ``v + 2``) and nothing is fitted.
 * :class:`DenseEncoder` — fill value, optional ``log1p``, optional standardisation with the
   training mean and standard deviation.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,8 +26,10 @@ import pyarrow.compute as pc
 
 from mtlrec.batch import FIRST_ID, OOV_ID, PAD_ID
 from mtlrec.data.columns import (
+    DEFAULT_NULL_VALUES,
     combine,
     first_row,
+    sequence_values,
     to_category_ints,
     to_category_strings,
     to_float,
@@ -141,6 +145,8 @@ class CategoricalEncoder:
         min_count: values seen fewer times in training map to the OOV id.
         max_size: keep at most this many values (the most frequent).
         hash_buckets: hash values into this many ids instead of learning a vocabulary.
+        vocab_size: the values are integer ids already, in ``[0, vocab_size)``: used as they
+            are (out-of-range ids and nulls map to the OOV id; no vocabulary).
         vocab: a fitted vocabulary (most frequent first), when loading.
     """
 
@@ -150,26 +156,39 @@ class CategoricalEncoder:
         min_count: int = 1,
         max_size: int | None = None,
         hash_buckets: int | None = None,
+        vocab_size: int | None = None,
         vocab: list[str] | pa.Array | None = None,
     ) -> None:
         self.min_count = min_count
         self.max_size = max_size
         self.hash_buckets = hash_buckets
+        self.vocab_size = vocab_size
         self.vocab: pa.Array = (
             vocab if isinstance(vocab, pa.Array) else pa.array(list(vocab or []), pa.string())
         )
         self._counts: list[pa.Table] = []
+        self.counts: pa.Table | None = None
+        """After :meth:`finalize`: every value counted in training and its count (columns
+        ``v``, ``c``; before ``min_count`` and ``max_size``), kept for vocabulary growth
+        (:mod:`mtlrec.data.vocab_growth`); None when loaded from JSON."""
 
     @property
     def size(self) -> int:
         """Rows of the embedding table: padding, OOV and the values."""
         if self.hash_buckets is not None:
             return self.hash_buckets + FIRST_ID
+        if self.vocab_size is not None:
+            return self.vocab_size + FIRST_ID
         return len(self.vocab) + FIRST_ID
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the encoder learns a vocabulary (not hashed, not pre-indexed)."""
+        return self.hash_buckets is None and self.vocab_size is None
 
     def partial_fit(self, arrays: list[pa.Array]) -> CategoricalEncoder:
         """Count training values (call for every chunk, then :meth:`finalize`)."""
-        if self.hash_buckets is not None:
+        if not self.fitted:
             return self
         parts = [pc.drop_null(combine(a)) for a in arrays]
         if not parts:
@@ -182,10 +201,11 @@ class CategoricalEncoder:
 
     def finalize(self) -> CategoricalEncoder:
         """Build the vocabulary from the counts: count descending, then value ascending."""
-        if self.hash_buckets is not None:
+        if not self.fitted:
             return self
         stats = _merge_counts(self._counts)
         self._counts = []
+        self.counts = stats
         stats = stats.filter(pc.greater_equal(stats.column("c"), self.min_count))
         order = pc.sort_indices(stats, sort_keys=[("c", "descending"), ("v", "ascending")])
         if self.max_size is not None:
@@ -215,10 +235,47 @@ class CategoricalEncoder:
         lut[-1] = OOV_ID
         return lut[enc.indices.fill_null(len(uniques)).to_numpy(zero_copy_only=False)]
 
+    def _indexed_ids(
+        self, array: pa.Array, *, file: str | None, column: str | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pre-indexed ids: ``v + FIRST_ID`` for an integer ``v`` in ``[0, vocab_size)``, the
+        OOV id for nulls and out-of-range ids (flagged as unknown).
+
+        Raises:
+            DataError: a value is not an integer.
+        """
+        ints = to_category_ints(array)
+        if ints is None:
+            text = pc.utf8_trim_whitespace(to_category_strings(array))
+            text = pc.replace_substring_regex(text, r"^\+", "")  # "+3" is 3
+            try:
+                ints = pc.cast(text, pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                ok = pc.match_substring_regex(text, r"^-?[0-9]{1,18}$")
+                bad = pc.invert(ok.fill_null(True)).to_numpy(zero_copy_only=False)
+                at = first_row(bad) if bad.any() else None
+                found = "" if at is None else f", found {text[at - 1].as_py()!r}"
+                raise DataError(
+                    f"expected an integer id in [0, {self.vocab_size}) (the feature is "
+                    f"pre-indexed: vocab_size){found}",
+                    file=file,
+                    column=column,
+                    row=at,
+                ) from None
+        v = ints.fill_null(-1).to_numpy(zero_copy_only=False)
+        inside = (v >= 0) & (v < (self.vocab_size or 0))
+        ids = np.where(inside, v + FIRST_ID, OOV_ID).astype(np.int32)
+        unknown = ~inside
+        if ints.null_count:
+            unknown &= ints.is_valid().to_numpy(zero_copy_only=False)
+        return ids, unknown
+
     def lookup(self, strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """Ids for string values (nulls -> OOV) and a bool mask of the rows whose (non-null)
         value is not in the vocabulary."""
         strings = combine(strings)
+        if self.vocab_size is not None:
+            return self._indexed_ids(strings, file=None, column=None)
         if self.hash_buckets is not None:
             return self._hash_ids(strings), np.zeros(len(strings), dtype=bool)
         keys = self._sorted_keys()
@@ -238,7 +295,7 @@ class CategoricalEncoder:
     def prepare(self) -> CategoricalEncoder:
         """Build the lookup structures now (they are otherwise built by the first lookup,
         ~0.2 s for 500,000 values): a service calls this before its first request."""
-        if self.hash_buckets is None:
+        if self.fitted:
             self._sorted_keys()
             self._int_vocab()
         return self
@@ -280,9 +337,22 @@ class CategoricalEncoder:
         self._ints = (self.vocab, values, ids_of, keys)
         return values, ids_of, keys
 
-    def lookup_column(self, array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    def lookup_column(
+        self,
+        array: pa.Array | pa.ChunkedArray,
+        *,
+        file: str | None = None,
+        column: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`lookup` of a raw column: integer columns are matched as integers (the same
-        ids as their string forms, several times faster), anything else as strings."""
+        ids as their string forms, several times faster), anything else as strings.
+
+        Args:
+            array: the values (missing values already null: see :mod:`mtlrec.data.columns`).
+            file, column: named in the error of a pre-indexed feature's non-integer value.
+        """
+        if self.vocab_size is not None:
+            return self._indexed_ids(combine(array), file=file, column=column)
         if self.hash_buckets is None:
             ints = to_category_ints(array)
             if ints is not None:
@@ -317,6 +387,7 @@ class CategoricalEncoder:
             "min_count": self.min_count,
             "max_size": self.max_size,
             "hash_buckets": self.hash_buckets,
+            "vocab_size": self.vocab_size,
             "vocab": self.vocab.to_pylist(),
         }
 
@@ -326,42 +397,51 @@ class CategoricalEncoder:
             min_count=d["min_count"],
             max_size=d["max_size"],
             hash_buckets=d["hash_buckets"],
+            vocab_size=d.get("vocab_size"),
             vocab=d["vocab"],
         )
 
 
 def encode_sequence(
-    encoder: CategoricalEncoder, feature: SequenceFeature, column: pa.Array
+    encoder: CategoricalEncoder,
+    feature: SequenceFeature,
+    column: pa.Array,
+    null_values: Sequence[str] = DEFAULT_NULL_VALUES,
 ) -> tuple[np.ndarray, int]:
     """A sequence feature as a padded id matrix ``[N, max_len]`` (PAD_ID after the ids) and the
     number of unknown ids."""
-    ids, unknown = sequence_ids(encoder, feature, column)
+    ids, unknown = sequence_ids(encoder, feature, column, null_values)
     return ids, int(unknown.sum())
 
 
 def sequence_ids(
-    encoder: CategoricalEncoder, feature: SequenceFeature, column: pa.Array
+    encoder: CategoricalEncoder,
+    feature: SequenceFeature,
+    column: pa.Array,
+    null_values: Sequence[str] = DEFAULT_NULL_VALUES,
+    *,
+    file: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Padded ids ``[N, max_len]`` and the number of unknown ids of every row ``[N]``."""
+    """Padded ids ``[N, max_len]`` and the number of unknown ids of every row ``[N]``.
+
+    Missing elements (null, empty -- ``"a||b"`` --, a null token) are dropped, not OOV.
+    """
     lists = to_list(column, feature.separator)
     n = len(lists)
-    values = pc.list_flatten(lists)  # row order
-    parent = pc.list_parent_indices(lists)
-    flat: pa.Array | None = to_category_ints(values) if encoder.hash_buckets is None else None
+    values, parent = sequence_values(lists, null_values)  # row order
+    flat: pa.Array | None = to_category_ints(values) if encoder.fitted else None
     if flat is None:
-        flat = to_category_strings(values)
-        # empty and null elements ("a||b", a null inside a Parquet list) are dropped, not OOV
-        keep = pc.and_kleene(pc.is_valid(flat), pc.greater(pc.utf8_length(flat), 0))
-    else:
-        keep = pc.is_valid(flat)
-    if flat.null_count or not pa.types.is_integer(flat.type):
-        keep = keep.fill_null(False)
-        flat = pc.filter(flat, keep)
-        parent = pc.filter(parent, keep)
+        flat = values if encoder.vocab_size is not None else to_category_strings(values)
     parent_np = parent.to_numpy(zero_copy_only=False)
     lengths = np.bincount(parent_np, minlength=n).astype(np.int64)
     if len(flat):
-        flat_ids, unknown_flat = encoder.lookup_column(flat)
+        try:
+            flat_ids, unknown_flat = encoder.lookup_column(flat, file=file, column=feature.source)
+        except DataError as e:  # the row of the element's list, not the element's
+            if e.row is None:
+                raise
+            row = int(parent_np[e.row - 1]) + 1
+            raise DataError(e.detail, file=e.file, column=e.column, row=row) from None
     else:
         flat_ids, unknown_flat = np.zeros(0, np.int32), np.zeros(0, bool)
     unknown_rows = np.bincount(parent_np[unknown_flat], minlength=n)
@@ -411,8 +491,10 @@ class DenseEncoder:
         self.mean = mean
         self.std = std
         self._n, self._mean, self._m2 = 0, 0.0, 0.0
+        self.seen: tuple[int, int, float, float] = (0, 0, math.inf, -math.inf)
 
-    def _pre(self, column: pa.Array, file: str, name: str) -> np.ndarray:
+    def _pre(self, column: pa.Array, file: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Filled and transformed values, and the mask of missing ones (before the fill)."""
         x = to_float(column, file=file, column=name)
         bad = np.isinf(x)
         if bad.any():
@@ -422,7 +504,8 @@ class DenseEncoder:
                 column=name,
                 row=first_row(bad),
             )
-        x = np.where(np.isnan(x), self.fill_value, x)
+        missing = np.isnan(x)
+        x = np.where(missing, self.fill_value, x)
         if self.transform.startswith("log1p"):
             bad = x <= -1.0
             if bad.any():
@@ -433,20 +516,28 @@ class DenseEncoder:
                     row=first_row(bad),
                 )
             x = np.log1p(x)
-        return x
+        return x, missing
 
     def partial_fit(
         self, column: pa.Array, *, file: str, name: str, rows: np.ndarray | None = None
     ) -> DenseEncoder:
         """Accumulate statistics of a chunk (every value is checked; only ``rows``, a bool
         mask, are counted), then call :meth:`finalize`. Moments are merged with Chan et al.'s
-        pairwise update, stable for any number of chunks."""
-        x = self._pre(column, file, name)
+        pairwise update, stable for any number of chunks; :attr:`seen` keeps the rows counted,
+        the values present among them and the smallest and largest value (after the fill)."""
+        x, missing = self._pre(column, file, name)
         if rows is not None:
-            x = x[rows]
+            x, missing = x[rows], missing[rows]
         n = x.size
         if n == 0:
             return self
+        rows_, present, lo, hi = self.seen
+        self.seen = (
+            rows_ + n,
+            present + int(n - np.count_nonzero(missing)),
+            min(lo, float(x.min())),
+            max(hi, float(x.max())),
+        )
         mean = float(x.mean())
         m2 = float(((x - mean) ** 2).sum())
         tot = self._n + n
@@ -468,7 +559,7 @@ class DenseEncoder:
         return self.partial_fit(column, file=file, name=name).finalize()
 
     def encode(self, column: pa.Array, *, file: str, name: str) -> np.ndarray:
-        x = self._pre(column, file, name)
+        x = self._pre(column, file, name)[0]
         if self.transform.endswith("standardize"):
             x = (x - self.mean) / self.std
         return x.astype(np.float32)

@@ -15,10 +15,12 @@ from typing import Any
 import pyarrow as pa
 
 from mtlrec.config import DataConfig, ExperimentConfig, SplitConfig
+from mtlrec.data.columns import DEFAULT_NULL_VALUES
 from mtlrec.data.dataset import ColumnarDataset
-from mtlrec.data.file_encoding import encode_file, fit_file
+from mtlrec.data.file_encoding import encode_file, fit_file, split_part
 from mtlrec.data.io import file_format
 from mtlrec.data.preprocess import Preprocessor
+from mtlrec.data.quality import warn_empty_tasks
 from mtlrec.data.split import hash_split
 from mtlrec.data.stream_dataset import StreamingDataset, encode_other_parts
 from mtlrec.errors import ConfigError
@@ -48,6 +50,8 @@ class BuiltinDataset:
     description: str
     load: Callable[[dict[str, Any]], tuple[pa.Table, Schema]]
     split: SplitConfig
+    null_values: tuple[str, ...] = DEFAULT_NULL_VALUES
+    """Null tokens when ``data.null_values`` is not set."""
 
 
 def _census(options: dict[str, Any]) -> tuple[pa.Table, Schema]:
@@ -71,13 +75,47 @@ BUILTIN: dict[str, BuiltinDataset] = {
         "UCI census-income (KDD) test file, MMoE paper task groups; split 60/20/20 by row hash",
         _census,
         SplitConfig(fractions=(0.6, 0.2, 0.2), seed=0),
+        null_values=(),  # its '?' is a category of the published data set, kept as one
     ),
 }
 
 
-def split_table(table: pa.Table, split: SplitConfig) -> tuple[pa.Table, ...]:
-    parts = hash_split(table.num_rows, split.fractions, split.seed)
-    return tuple(table.take(pa.array(p)) for p in parts)
+def null_values(d: DataConfig) -> tuple[str, ...]:
+    """The null tokens of a data config: ``data.null_values``, else the built-in data set's,
+    else :data:`~mtlrec.data.columns.DEFAULT_NULL_VALUES`."""
+    if d.null_values is not None:
+        return tuple(d.null_values)
+    if d.dataset is not None and d.dataset in BUILTIN:
+        return BUILTIN[d.dataset].null_values
+    return DEFAULT_NULL_VALUES
+
+
+def _fit_options(d: DataConfig) -> dict[str, Any]:
+    return {"null_values": null_values(d), "min_task_rows": d.min_task_rows}
+
+
+def _checked(sets: Datasets) -> Datasets:
+    for split in ("valid", "test"):
+        warn_empty_tasks(sets.get(split), split, sets.names.get(split, split))
+    return sets
+
+
+def split_table(
+    table: pa.Table, split: SplitConfig, group: str | None = None
+) -> tuple[pa.Table, ...]:
+    """The parts of an in-memory table: by row hash, or by group hash when ``group`` names a
+    column of it (as the file readers do, :func:`~mtlrec.data.file_encoding.split_part`)."""
+    if group is None or group not in table.column_names:
+        parts = hash_split(table.num_rows, split.fractions, split.seed)
+        return tuple(table.take(pa.array(p)) for p in parts)
+    part = split_part(table, 0, (tuple(split.fractions), split.seed), group)
+    return tuple(table.filter(pa.array(part == k)) for k in range(len(split.fractions)))
+
+
+def _adapted(
+    adapt: Callable[[Preprocessor], Preprocessor] | None, pre: Preprocessor
+) -> Preprocessor:
+    return pre if adapt is None else adapt(pre)
 
 
 def _select(schema: Schema, cfg: ExperimentConfig) -> Schema:
@@ -105,31 +143,40 @@ def config_schema(cfg: ExperimentConfig) -> Schema:
 
 
 @mmap_large_blocks()
-def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Datasets:
+def load_datasets(
+    cfg: ExperimentConfig,
+    pre: Preprocessor | None = None,
+    *,
+    adapt: Callable[[Preprocessor], Preprocessor] | None = None,
+) -> Datasets:
     """Read, split and encode the configured data.
 
     Args:
         cfg: the experiment.
         pre: fitted encoders to reuse (resuming, evaluating); None fits them on the training
             split.
+        adapt: applied to encoders fitted here before anything is encoded (a warm start grows
+            the earlier run's vocabularies with them: :mod:`mtlrec.data.vocab_growth`).
     """
     d: DataConfig = cfg.data
     if d.streaming:
-        return load_streaming(cfg, pre)
+        return load_streaming(cfg, pre, adapt=adapt)
     if d.dataset is not None:
         if d.dataset not in BUILTIN:
             raise ConfigError(f"unknown data set {d.dataset!r}; built-in: {sorted(BUILTIN)}")
         b = BUILTIN[d.dataset]
         table, default_schema = b.load(d.options)
         schema = _select(cfg.schema_ or default_schema, cfg)
-        parts = split_table(table, d.split or b.split)
+        parts = split_table(table, d.split or b.split, schema.group_column)
         names = {k: f"{d.dataset}[{k}]" for k in SPLITS}
         if pre is None:
-            pre = Preprocessor.fit(schema, parts[0], file=names["train"])
+            pre = _adapted(
+                adapt, Preprocessor.fit(schema, parts[0], file=names["train"], **_fit_options(d))
+            )
         enc = [
             pre.encode(t, file=names[k], targets=True) for k, t in zip(SPLITS, parts, strict=True)
         ]
-        return Datasets(pre, enc[0], enc[1], enc[2], names)
+        return _checked(Datasets(pre, enc[0], enc[1], enc[2], names))
 
     schema = config_schema(cfg)
     assert d.train is not None
@@ -138,12 +185,14 @@ def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Dat
     test_path = cfg.resolve_path(d.test) if d.test else None
     if valid_path is not None:
         if pre is None:
-            pre = fit_file(schema, train_path, delimiter=d.delimiter)
+            pre = _adapted(
+                adapt, fit_file(schema, train_path, delimiter=d.delimiter, **_fit_options(d))
+            )
         train = encode_file(pre, train_path, delimiter=d.delimiter)[0]
         valid = encode_file(pre, valid_path, delimiter=d.delimiter)[0]
         test = encode_file(pre, test_path, delimiter=d.delimiter)[0] if test_path else None
         names = {"train": d.train, "valid": d.valid or "", "test": d.test or ""}
-        return Datasets(pre, train, valid, test, names)
+        return _checked(Datasets(pre, train, valid, test, names))
     # one file split by row hash (train / valid, and test unless a test file is given)
     split = d.split or DEFAULT_SPLIT
     f_train, f_valid = split.fractions[:2]
@@ -154,19 +203,28 @@ def load_datasets(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Dat
         fractions = split.fractions
     spec = (fractions, split.seed)
     if pre is None:
-        pre = fit_file(schema, train_path, split=spec, delimiter=d.delimiter)
+        pre = _adapted(
+            adapt,
+            fit_file(schema, train_path, split=spec, delimiter=d.delimiter, **_fit_options(d)),
+        )
     parts = encode_file(pre, train_path, split=spec, delimiter=d.delimiter)
     names = {k: f"{d.train}[{k} split]" for k in SPLITS}
     if test_path is not None:
         names["test"] = d.test or ""
         test = encode_file(pre, test_path, delimiter=d.delimiter)[0]
-        return Datasets(pre, parts[0], parts[1], test, names)
-    return Datasets(pre, parts[0], parts[1], parts[2], names)
+        return _checked(Datasets(pre, parts[0], parts[1], test, names))
+    return _checked(Datasets(pre, parts[0], parts[1], parts[2], names))
 
 
-def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Datasets:
+def load_streaming(
+    cfg: ExperimentConfig,
+    pre: Preprocessor | None = None,
+    *,
+    adapt: Callable[[Preprocessor], Preprocessor] | None = None,
+) -> Datasets:
     """The data of a ``data.streaming: true`` config: the training rows as a
-    :class:`StreamingDataset`, validation and test rows encoded in memory."""
+    :class:`StreamingDataset`, validation and test rows encoded in memory (``adapt`` as in
+    :func:`load_datasets`)."""
     d = cfg.data
     if d.train is None:
         raise ConfigError("data.streaming needs data.train (a Parquet file), not a built-in set")
@@ -176,7 +234,7 @@ def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Da
         raise ConfigError(f"data.streaming reads Parquet files; data.train {d.train} is not one")
     if d.valid:
         if pre is None:
-            pre = fit_file(schema, train_path)
+            pre = _adapted(adapt, fit_file(schema, train_path, **_fit_options(d)))
         train = StreamingDataset(
             pre, train_path, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
         )
@@ -185,7 +243,7 @@ def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Da
             encode_file(pre, cfg.resolve_path(d.test), delimiter=d.delimiter)[0] if d.test else None
         )
         names = {"train": d.train, "valid": d.valid, "test": d.test or ""}
-        return Datasets(pre, train, valid, test, names)  # type: ignore[arg-type]
+        return _checked(Datasets(pre, train, valid, test, names))  # type: ignore[arg-type]
     split = d.split or DEFAULT_SPLIT
     fractions: tuple[float, ...] = split.fractions
     if d.test:
@@ -193,7 +251,7 @@ def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Da
         fractions = (fractions[0] / total, fractions[1] / total)
     spec = (fractions, split.seed)
     if pre is None:
-        pre = fit_file(schema, train_path, split=spec)
+        pre = _adapted(adapt, fit_file(schema, train_path, split=spec, **_fit_options(d)))
     train = StreamingDataset(
         pre, train_path, split=spec, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch
     )
@@ -204,4 +262,4 @@ def load_streaming(cfg: ExperimentConfig, pre: Preprocessor | None = None) -> Da
         test = encode_file(pre, cfg.resolve_path(d.test), delimiter=d.delimiter)[0]
     else:
         test = parts[2]
-    return Datasets(pre, train, parts[1], test, names)  # type: ignore[arg-type]
+    return _checked(Datasets(pre, train, parts[1], test, names))  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Deterministic splits by a hash of the row number (independent of file order elsewhere)."""
+"""Deterministic splits by a hash of the row number (independent of file order elsewhere), or of
+the group id when the schema has a ``group_column`` (a request's candidates stay together)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,26 @@ def hash_split(
     """
     part = hash_part(np.arange(n, dtype=np.uint64), fractions, seed)
     return [np.flatnonzero(part == k) for k in range(len(fractions))]
+
+
+_GROUP_SALT = np.uint64(0xD6E8FEB86659FD93)
+
+
+def split_keys(rows: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """The keys :func:`hash_part` hashes: each row's 0-based number, or, with ``groups`` (the
+    int64 ids of :func:`mtlrec.data.columns.group_ids`, -1 for a null), the row's group id, so
+    that every row of a group (a request's candidates) lands in the same part and per-request
+    metrics and rank fusion see whole lists. A row with a null group id is its own group (its
+    row number is hashed).
+
+    Example:
+        >>> keys = split_keys(np.arange(4), np.array([7, 7, -1, 7]))
+        >>> int(keys[0]) == int(keys[1]) == int(keys[3]), int(keys[2]) == 2
+        (True, True)
+    """
+    keys = np.asarray(rows).astype(np.uint64)
+    if groups is None:
+        return keys
+    g = np.asarray(groups, dtype=np.int64)
+    by_group = g.view(np.uint64) ^ _GROUP_SALT
+    return np.where(g != -1, by_group, keys)

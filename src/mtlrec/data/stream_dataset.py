@@ -44,11 +44,12 @@ import pyarrow.parquet as pq
 import torch
 
 from mtlrec.batch import Batch
+from mtlrec.data.columns import group_ids
 from mtlrec.data.dataset import ColumnarDataset
-from mtlrec.data.file_encoding import BATCH_ROWS, record_batches
-from mtlrec.data.io import file_format
+from mtlrec.data.file_encoding import BATCH_ROWS, record_batches, split_part
+from mtlrec.data.io import check_header, file_format
 from mtlrec.data.preprocess import Preprocessor
-from mtlrec.data.split import hash_part
+from mtlrec.data.split import hash_part, split_keys
 from mtlrec.errors import ConfigError, DataError
 from mtlrec.utils.runtime import mapped_empty, mmap_large_blocks
 
@@ -123,10 +124,12 @@ class StreamingDataset:
         group = self.schema.group_column
         if group is not None and group in names:
             cols.append(str(group))
-        for c in dict.fromkeys(cols):
-            if c not in names:
-                raise DataError("missing column", file=str(path), column=c)
+        # the split hashes the group id when the file has a group column (a request's rows
+        # stay in one part): the row groups' group ids are read to count each part's rows
+        self._split_group = str(group) if group is not None and group in names else None
+        self._pf = pf
         self.columns = list(dict.fromkeys(cols))
+        check_header(names, self.columns, file=str(path))
         md = pf.metadata
         sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
         self._group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -238,7 +241,11 @@ class StreamingDataset:
         if self.split is None:
             return np.ones(z - a, dtype=bool)
         rows = np.arange(a, z, dtype=np.uint64)
-        return hash_part(rows, self.split[0], self.split[1]) == self.part
+        groups = None
+        if self._split_group is not None:
+            col = self._pf.read_row_group(g, columns=[self._split_group]).column(0)
+            groups = group_ids(col)
+        return hash_part(split_keys(rows, groups), self.split[0], self.split[1]) == self.part
 
     def _shares(self, batch_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         lo = np.arange(0, n, batch_size, dtype=np.int64)
@@ -315,10 +322,16 @@ class StreamingDataset:
                 a, z = np.searchsorted(want, [offset, offset + rb.num_rows])
                 if z > a:
                     table = pa.Table.from_batches([rb])
+                    file_rows = None  # file row of each encoded row, for messages
                     if z - a < rb.num_rows:
                         table = table.take(pa.array(want[a:z] - offset))
+                        file_rows = want[a:z] + file_row
                     enc = self.pre.encode(
-                        table, file=self.source, targets=True, row_offset=file_row + offset
+                        table,
+                        file=self.source,
+                        targets=True,
+                        row_offset=file_row + offset,
+                        rows=file_rows,
                     )
                     for k, v in enc.unknown_counts.items():
                         self.unknown_counts[k] = self.unknown_counts.get(k, 0) + v
@@ -380,16 +393,22 @@ def encode_other_parts(
     group = schema.group_column
     if group is not None and group in pq.ParquetFile(path).schema_arrow.names:
         cols.append(str(group))
+    else:
+        group = None
     offset = 0
-    for table in record_batches(path, cols, batch_rows=read_rows):
-        idx = np.arange(offset, offset + table.num_rows, dtype=np.uint64)
-        parts = hash_part(idx, split[0], split[1])
+    for table in record_batches(path, list(dict.fromkeys(cols)), batch_rows=read_rows):
+        parts = split_part(table, offset, split, group)
         keep = parts != skip
         if keep.any():
             sub = table.filter(pa.array(keep))
             for k, ds in enumerate(
                 pre.encode_parts(
-                    sub, parts=parts[keep], num_parts=n_parts, file=str(path), targets=True
+                    sub,
+                    parts=parts[keep],
+                    num_parts=n_parts,
+                    file=str(path),
+                    targets=True,
+                    rows=offset + np.flatnonzero(keep),  # file rows, for messages
                 )
             ):
                 if k != skip:

@@ -36,4 +36,5 @@ def load_fusion_file(path: str | Path, schema: Schema) -> Fusion:
             f"--fusion {path}: score fusion (mtlrec.fusion) is not available in this mtlrec "
             "installation"
         ) from None
-    return load_fusion(path, tasks=schema.task_names)
+    auxiliary = [t.name for t in schema.tasks if t.auxiliary]
+    return load_fusion(path, tasks=schema.primary_task_names, auxiliary=auxiliary)

@@ -16,24 +16,34 @@ from mtlrec.batch import Features
 from mtlrec.errors import ConfigError
 from mtlrec.export.common import ExportError
 from mtlrec.models.base import MultiTaskModel
-from mtlrec.schema import Schema, TaskSpec
+from mtlrec.schema import DenseFeature, Schema, SequenceFeature, SparseFeature, TaskSpec
 from mtlrec.utils.atomic import atomic_path
+
+
+def _scored(schema: Schema) -> tuple[list, list, list]:
+    """The sparse, dense and sequence features an exported model reads: the bias features
+    (``role: bias``) are not inputs (the model never reads them outside training)."""
+    keep = [f for f in schema.features if f.role != "bias"]
+    kinds = (SparseFeature, DenseFeature, SequenceFeature)
+    sparse, dense, seqs = ([f for f in keep if type(f) is k] for k in kinds)
+    return sparse, dense, seqs
 
 
 def input_names(schema: Schema) -> list[str]:
     """Names of the exported model's inputs, in order."""
+    sparse, dense, seqs = _scored(schema)
     names = []
-    if schema.sparse:
+    if sparse:
         names.append("sparse")
-    if schema.dense:
+    if dense:
         names.append("dense")
-    names += [f"seq_{f.name}" for f in schema.sequences]
+    names += [f"seq_{f.name}" for f in seqs]
     return names
 
 
 def output_names(schema: Schema) -> list[str]:
-    """Names of the exported model's outputs (the tasks), in order."""
-    return list(schema.task_names)
+    """Names of the exported model's outputs (the tasks but the auxiliary ones), in order."""
+    return list(schema.primary_task_names)
 
 
 class TensorModel(nn.Module):
@@ -48,12 +58,13 @@ class TensorModel(nn.Module):
     def __init__(self, model: MultiTaskModel, schema: Schema) -> None:
         super().__init__()
         self.model = model.eval()
-        self.tasks: tuple[TaskSpec, ...] = schema.tasks
-        self.sparse_names = tuple(f.name for f in schema.sparse)
-        self.dense_names = tuple(f.name for f in schema.dense)
-        self.seq_names = tuple(f.name for f in schema.sequences)
-        self.has_sparse = bool(schema.sparse)
-        self.has_dense = bool(schema.dense)
+        self.tasks: tuple[TaskSpec, ...] = schema.primary_tasks
+        sparse, dense, seqs = _scored(schema)
+        self.sparse_names = tuple(f.name for f in sparse)
+        self.dense_names = tuple(f.name for f in dense)
+        self.seq_names = tuple(f.name for f in seqs)
+        self.has_sparse = bool(sparse)
+        self.has_dense = bool(dense)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         i = 0
@@ -75,13 +86,21 @@ class TensorModel(nn.Module):
 
 
 def features_to_inputs(features: Features, schema: Schema) -> list[Tensor]:
-    """The exported model's input tensors for a batch of encoded features."""
+    """The exported model's input tensors for a batch of encoded features (their bias
+    columns, if any, left out)."""
+    sparse, dense, seqs = _scored(schema)
     out: list[Tensor] = []
-    if schema.sparse:
-        out.append(features.sparse.to(torch.int32).contiguous())
-    if schema.dense:
-        out.append(features.dense.to(torch.float32).contiguous())
-    out += [features.sequences[f.name].to(torch.int32).contiguous() for f in schema.sequences]
+    if sparse:
+        x = features.sparse
+        if len(sparse) != x.shape[1]:  # [B, F] with the bias columns: [B, F - F_bias]
+            x = x[:, [features.sparse_names.index(f.name) for f in sparse]]
+        out.append(x.to(torch.int32).contiguous())
+    if dense:
+        x = features.dense
+        if len(dense) != x.shape[1]:
+            x = x[:, [features.dense_names.index(f.name) for f in dense]]
+        out.append(x.to(torch.float32).contiguous())
+    out += [features.sequences[f.name].to(torch.int32).contiguous() for f in seqs]
     return out
 
 

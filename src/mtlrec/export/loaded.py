@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from mtlrec.batch import Features
+from mtlrec.data.columns import as_table
 from mtlrec.data.preprocess import Preprocessor
 from mtlrec.errors import CheckpointError, ConfigError, DataError
 from mtlrec.export.common import (
@@ -136,7 +137,7 @@ class ExportedModel:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return self.schema.task_names
+        return self.schema.primary_task_names
 
     def score_features(self, features: Features) -> dict[str, np.ndarray]:
         """Predictions of encoded features, output name -> ``[B]`` (or ``[B, C]``)."""
@@ -146,13 +147,16 @@ class ExportedModel:
             out[SCORE_OUTPUT] = np.asarray(self.fusion(out), dtype=np.float64)
         return out
 
-    def score_raw(self, rows: Sequence[Mapping[str, Any]] | pa.Table) -> dict[str, np.ndarray]:
+    def score_raw(self, rows: Sequence[Mapping[str, Any]] | Any) -> dict[str, np.ndarray]:
         """Encode raw feature values with the run's encoders and score them.
 
+        Values are read with the run's rule for missing values (its null tokens, saved in
+        ``encoders.json``; :mod:`mtlrec.data.columns`), as in training.
+
         Args:
-            rows: a list of ``{column: value}`` dicts or a pyarrow table with the schema's
-                feature columns (unknown categories map to the OOV id; counts in
-                :attr:`last_unknown`).
+            rows: a list of ``{column: value}`` dicts, or a pyarrow table, a pandas DataFrame
+                or a dict of column arrays, with the schema's feature columns (unknown
+                categories map to the OOV id; counts in :attr:`last_unknown`).
 
         Returns:
             output name (task, and ``score`` if fused) -> ``[N]`` (``[N, C]`` multiclass).
@@ -160,7 +164,10 @@ class ExportedModel:
         Raises:
             DataError: a column is missing or a value does not fit the schema.
         """
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        if isinstance(rows, list | tuple):
+            table = pa.Table.from_pylist(list(rows))
+        else:
+            table = as_table(rows)
         if table.num_rows == 0:
             raise DataError("no rows to score")
         ds = self.preprocessor.encode(table, file="<rows>", targets=False)

@@ -191,7 +191,7 @@ def _manifest(
             }
             for n in outs
         ],
-        "tasks": list(schema.task_names),
+        "tasks": list(schema.primary_task_names),  # auxiliary tasks are not exported
         "fusion": {"file": "fusion.json", "output": SCORE_OUTPUT} if fused else None,
         "parity": {"rows": rows, "max_abs_diff": diff},
         "versions": versions,

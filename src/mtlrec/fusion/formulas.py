@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mtlrec.fusion.base import ParametricFusion
 from mtlrec.fusion.calibration import EPS, _logit
-from mtlrec.fusion.rank import bucketize, group_percentiles
+from mtlrec.fusion.rank import group_buckets
 from mtlrec.registry import FUSIONS
 
 PerTask = dict[str, float]
@@ -179,8 +179,5 @@ class RankFusion(ParametricFusion):
     search: ClassVar[dict[str, tuple[float, float]]] = {"weights": (0.0, 5.0)}
 
     def prepare(self, p: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-        cols = [
-            bucketize(group_percentiles(p[:, j], groups), self.params.buckets)
-            for j in range(p.shape[1])
-        ]
+        cols = [group_buckets(p[:, j], groups, self.params.buckets) for j in range(p.shape[1])]
         return np.stack(cols, axis=1) if cols else np.zeros((len(p), 0))  # [N, T]

@@ -47,7 +47,7 @@ def run_predictions(run: Any, split: str) -> HeldOut:
     if ds is None or ds.labels is None or ds.masks is None:
         raise ConfigError(f"the run's data has no labelled {split} split")
     preds = loaded.trainer().predict(ds)
-    tasks = loaded.schema.tasks
+    tasks = loaded.schema.primary_tasks  # auxiliary tasks are never fused
     probs = {
         t.name: np.asarray(preds[t.name], dtype=np.float64) for t in tasks if t.kind != "multiclass"
     }

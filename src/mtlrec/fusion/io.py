@@ -70,9 +70,12 @@ def fusion_from_dict(
     return fusion
 
 
-def load_fusion(path: str | Path, tasks: Sequence[str] | None = None) -> Fusion:
+def load_fusion(
+    path: str | Path, tasks: Sequence[str] | None = None, auxiliary: Sequence[str] = ()
+) -> Fusion:
     """Load a fusion JSON file; with ``tasks`` (a model's task names), check it fuses only
-    those, raising :class:`ConfigError` naming the unknown ones."""
+    those, raising :class:`ConfigError` naming the unknown ones, or the ``auxiliary`` tasks
+    (trained, never fused: ``TaskSpec.auxiliary``) it names."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"fusion file {p} not found")
@@ -81,6 +84,11 @@ def load_fusion(path: str | Path, tasks: Sequence[str] | None = None) -> Fusion:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid JSON ({e})") from None
     fusion = fusion_from_dict(data, source=str(p), base_dir=p.parent)
+    aux = [t for t in fusion.tasks if t in auxiliary]
+    if aux:
+        raise ConfigError(
+            f"{p}: fusion names auxiliary tasks {aux}: they are trained, never fused or served"
+        )
     if tasks is not None:
         unknown = [t for t in fusion.tasks if t not in tasks]
         if unknown:

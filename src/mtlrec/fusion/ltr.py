@@ -112,6 +112,47 @@ def validation_split(n: int, groups: np.ndarray | None, fraction: float, seed: i
 
 
 # -- LightGBM ---------------------------------------------------------------------------------
+# LightGBM stores labels as float32: integer grades above 2**24 would no longer be distinct
+MAX_GRADES = 2**24
+
+
+def lambdarank_grades(
+    target: np.ndarray, max_grades: int = MAX_GRADES
+) -> tuple[np.ndarray, list[float]]:
+    """The business label as LightGBM lambdarank wants it: integer relevance grades, and the
+    gain of each grade.
+
+    The distinct values ``v_0 < v_1 < ... < v_{K-1}`` of ``target`` become grades ``0..K-1``
+    (order kept: a click-only row labelled 0.5 stays above a non-click at 0, where rounding to
+    the nearest integer would merge them), and grade ``k`` gains ``v_k`` (``label_gain``), so
+    NDCG and its lambda gradients weigh each row by its business value, as "gain = relevance"
+    does for integer labels (Burges, MSR-TR-2010-82).
+
+    Args:
+        target: ``[N]`` business label, ``>= 0``.
+        max_grades: the most distinct values accepted.
+
+    Returns:
+        ``(grades [N] int64, label_gain [K])``.
+
+    Raises:
+        ConfigError: more distinct values than ``max_grades`` (LightGBM keeps labels in
+            float32, so at most 2**24 grades stay distinct).
+
+    Example:
+        >>> lambdarank_grades(np.array([0.0, 1.5, 0.5, 0.0]))
+        (array([0, 2, 1, 0]), [0.0, 0.5, 1.5])
+    """
+    values, grades = np.unique(np.asarray(target, dtype=np.float64), return_inverse=True)
+    if len(values) > max_grades:
+        raise ConfigError(
+            f"the business label takes {len(values)} distinct values; lambdarank needs one "
+            f"integer grade per value and supports at most {max_grades}: define a label with "
+            "fewer levels (e.g. 'click + 4*conv'), or fit with the cross_entropy objective"
+        )
+    return grades.reshape(-1).astype(np.int64), values.tolist()
+
+
 class LGBMParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tasks: list[str] = Field(min_length=1)
@@ -217,8 +258,7 @@ def fit_lgbm(
     if monotone:
         params["monotone_constraints"] = [1] * p.shape[1]
     if objective == "lambdarank":
-        y = np.rint(target).astype(np.int64)
-        params["label_gain"] = list(range(int(y.max()) + 2))  # gain = relevance
+        y, params["label_gain"] = lambdarank_grades(target)  # ordered grades, gain = value
         params["metric"] = "ndcg"
         params["eval_at"] = [10]
     else:
@@ -316,9 +356,9 @@ def fit_neural(
     [0, 1], selecting the epoch with the lowest validation loss."""
     import torch
     import torch.nn.functional as F
+    from torch.optim import Adam
 
     from mtlrec.autograd import multitask_backward
-    from mtlrec.train.optimizers import Adam
     from mtlrec.weighting.build import build_weighting
 
     if target.min() < 0:

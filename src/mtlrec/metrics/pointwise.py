@@ -1,4 +1,5 @@
-"""Pointwise metrics: log loss (binary, multiclass), accuracy, MSE, MAE, RMSE."""
+"""Pointwise metrics: log loss (binary, multiclass; from probabilities, logits or
+log-probabilities), accuracy, MSE, MAE, RMSE."""
 
 from __future__ import annotations
 
@@ -37,6 +38,99 @@ def logloss(
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
     return _mean(loss, w)
+
+
+def logloss_from_logits(
+    logits: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None
+) -> float:
+    """Binary cross-entropy computed from logits in float64, without clipping:
+    ``softplus(z) - y z``, the exact ``-(y log p + (1 - y) log(1 - p))`` for ``p = sigmoid(z)``.
+
+    Unlike :func:`logloss` on float32 probabilities (which all read 1.0 above ``1 - 6e-8``),
+    a confident mistake is charged its full loss.
+
+    Args:
+        logits: predicted log-odds of the positive class.
+        labels: 0/1 labels (soft labels in [0, 1] are accepted).
+        weights: optional sample weights (weighted mean).
+
+    Returns:
+        Mean log loss (natural log), ``nan`` for empty input.
+
+    Shapes:
+        logits, labels, weights: ``[N]``.
+
+    Example:
+        >>> round(logloss_from_logits([40.0], [0.0]), 6)  # p = 1 - 4e-18, label 0
+        40.0
+    """
+    z, y, w = _vector(logits, "logits"), _vector(labels, "labels"), _weights(weights)
+    _check_lengths(logits=z, labels=y, weights=w)
+    return _mean(np.logaddexp(0.0, z) - y * z, w)
+
+
+# float32 holds no log-probability strictly between this and 0 (smallest subnormal, 2**-149)
+_LOG_P_FLOOR = -float(np.finfo(np.float32).smallest_subnormal)
+
+
+def logloss_from_log_probs(
+    log_probs: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None
+) -> float:
+    """Binary cross-entropy computed from ``log p`` in float64 (for derived probabilities
+    such as ESMM's pCTCVR, which have no logit): ``-(y log p + (1 - y) log(1 - p))`` with
+    ``log(1 - p)`` from ``expm1`` / ``log1p``, exact wherever ``log p < 0``. A ``log p`` of 0
+    (``p`` rounded to 1) is read as the largest float32 value below 0, so a label 0 there costs
+    about 103 instead of infinity.
+
+    Args:
+        log_probs: natural log of the predicted probability of the positive class (``<= 0``).
+        labels: 0/1 labels (soft labels in [0, 1] are accepted).
+        weights: optional sample weights (weighted mean).
+
+    Returns:
+        Mean log loss (natural log), ``nan`` for empty input.
+
+    Shapes:
+        log_probs, labels, weights: ``[N]``.
+    """
+    lp, y, w = _vector(log_probs, "log_probs"), _vector(labels, "labels"), _weights(weights)
+    _check_lengths(log_probs=lp, labels=y, weights=w)
+    lp = np.where(lp < 0.0, lp, _LOG_P_FLOOR)
+    half = np.log(0.5)
+    # log(1 - p): log(-expm1) near 0, log1p(-exp) below log 1/2 (each where it is accurate)
+    log_q = np.where(
+        lp > half, np.log(-np.expm1(np.maximum(lp, half))), np.log1p(-np.exp(np.minimum(lp, half)))
+    )
+    return _mean(-(y * lp + (1.0 - y) * log_q), w)
+
+
+def multiclass_logloss_from_log_probs(
+    log_probs: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None
+) -> float:
+    """Categorical cross-entropy from log-probabilities (e.g. ``log_softmax`` of the logits):
+    the mean of ``-log p[label]``, without clipping.
+
+    Args:
+        log_probs: class log-probabilities.
+        labels: class indices ``0..C-1`` (floats holding integers are accepted).
+        weights: optional sample weights (weighted mean).
+
+    Returns:
+        Mean log loss (natural log), ``nan`` for empty input.
+
+    Shapes:
+        log_probs: ``[N, C]``; labels, weights: ``[N]``.
+
+    Raises:
+        ValueError: a label is outside ``0..C-1`` or shapes do not fit.
+    """
+    lp = np.asarray(log_probs, dtype=np.float64)
+    if lp.ndim != 2:
+        raise ValueError(f"log_probs must be [N, C], got shape {lp.shape}")
+    y = _class_index(labels, lp.shape[1])
+    w = _weights(weights)
+    n = _check_lengths(log_probs=lp, labels=y, weights=w)
+    return _mean(-lp[np.arange(n), y], w)
 
 
 def multiclass_logloss(

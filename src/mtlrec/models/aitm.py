@@ -88,3 +88,8 @@ class AITM(MultiTaskModel):
         if task == self.task_names[-1] and task in self.transfers:
             return params_of(self.transfers[task], self.heads.towers[task])
         return params_of(self.heads.towers[task])
+
+    def last_shared_layer(self) -> nn.Parameter:
+        # the towers' last layer, [T, in, out]: step 1 reads q_1 and every later step reads
+        # q_1 through the transfers (and its own q_t); no transfer is reached by step 1
+        return self.towers.weights[-1]

@@ -8,16 +8,24 @@ task-specific parameters, so that nothing outside it needs ``isinstance``.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from mtlrec.batch import Features
+from mtlrec.models.addons import (
+    BiasTowerParams,
+    NextItemParams,
+    attach_adversarial,
+    attach_bias,
+    attach_next_item,
+)
 from mtlrec.nn.embedding import EmbeddingCollection, FeatureLayout
 from mtlrec.schema import TaskSpec
 
@@ -33,6 +41,9 @@ class ModelOutput:
         gates[name]: ``[B, E]`` gate weights of gate ``name`` (rows sum to 1).
         tower_inputs[task]: ``[B, D]`` the representation the task's tower reads.
         aux_losses[name]: scalar regularisers the model asks to add to the objective.
+
+    ``task_specs`` are the tasks of the model that produced the output (attached by
+    :class:`MultiTaskModel`), so that :meth:`predictions` can be asked by task name.
     """
 
     logits: dict[str, Tensor]
@@ -40,11 +51,34 @@ class ModelOutput:
     gates: dict[str, Tensor] = field(default_factory=dict)
     tower_inputs: dict[str, Tensor] = field(default_factory=dict)
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    task_specs: tuple[TaskSpec, ...] = ()
 
-    def predictions(self, tasks: Sequence[TaskSpec]) -> dict[str, Tensor]:
-        """Probabilities (binary), values (regression) or class probabilities (multiclass)."""
+    def predictions(self, tasks: Sequence[TaskSpec | str] | None = None) -> dict[str, Tensor]:
+        """Probabilities (binary), values (regression) or class probabilities (multiclass).
+
+        Args:
+            tasks: the tasks, as :class:`TaskSpec` objects or by name (names are looked up in
+                ``task_specs``, the model's own tasks); None: every task of the model.
+
+        Returns:
+            Task name -> ``[B]`` (binary, regression) or ``[B, C]`` (multiclass).
+
+        Raises:
+            KeyError: a task name the model does not have (or, without ``task_specs``, any
+                name: pass :class:`TaskSpec` objects then).
+        """
+        specs = {t.name: t for t in self.task_specs}
         out: dict[str, Tensor] = {}
-        for t in tasks:
+        for t in self.task_specs if tasks is None else tasks:
+            if isinstance(t, str):
+                if t not in specs:
+                    raise KeyError(
+                        f"no task {t!r} in this output (tasks: {list(specs)})"
+                        if specs
+                        else f"task {t!r}: this output carries no task specs; pass TaskSpec "
+                        "objects (the schema's tasks)"
+                    )
+                t = specs[t]
             if t.name in self.log_probs:
                 out[t.name] = self.log_probs[t.name].exp()
                 continue
@@ -56,6 +90,42 @@ class ModelOutput:
             else:
                 out[t.name] = z
         return out
+
+    def probabilities(self, tasks: Sequence[TaskSpec | str] | None = None) -> dict[str, Tensor]:
+        """Per-task predictions by task name (the same as :meth:`predictions`): probabilities
+        for binary tasks, class probabilities for multiclass ones, values for regression."""
+        return self.predictions(tasks)
+
+
+def _with_task_specs(forward: Callable[..., ModelOutput]) -> Callable[..., ModelOutput]:
+    """``forward`` that puts the model's task specs on its output (not while a graph is being
+    captured for export, which asks by :class:`TaskSpec`)."""
+
+    @functools.wraps(forward)
+    def wrapped(self: MultiTaskModel, *args: Any, **kwargs: Any) -> ModelOutput:
+        out = forward(self, *args, **kwargs)
+        if isinstance(out, ModelOutput) and not (
+            torch.jit.is_tracing() or torch.compiler.is_compiling()
+        ):
+            out.task_specs = self.tasks
+        return out
+
+    wrapped._with_task_specs = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _attaching_late_options(init: Callable[..., None]) -> Callable[..., None]:
+    """``__init__`` that calls :meth:`MultiTaskModel._attach_late_options` when the outermost
+    constructor (the one of the instance's own class) returns."""
+
+    @functools.wraps(init)
+    def wrapped(self: MultiTaskModel, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__init__ is wrapped:
+            self._attach_late_options()
+
+    wrapped._attaches_options = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 class ModelParams(BaseModel):
@@ -72,6 +142,38 @@ class ModelParams(BaseModel):
         description="tasks whose logit gets a factorization-machine term (DeepFM-style)",
     )
     fm_dim: int = Field(default=8, ge=1, description="factor width of the FM term")
+    wide_tasks: tuple[str, ...] = Field(
+        default=(),
+        description="tasks whose logit gets a wide (linear) part, Wide & Deep "
+        "(docs/architectures.md)",
+    )
+    wide_features: tuple[str, ...] | None = Field(
+        default=None,
+        description="sparse features of the wide part (null: every sparse feature; []: none, "
+        "crosses only)",
+    )
+    wide_crosses: tuple[tuple[str, ...], ...] = Field(
+        default=(), description="crosses of two or more sparse features, hashed into buckets"
+    )
+    wide_buckets: int = Field(default=16384, ge=1, description="rows of each cross's table")
+    bias_tower: BiasTowerParams | None = Field(
+        default=None,
+        description="a shallow tower over the role: bias features (position, device...) whose "
+        "logit is added to tasks' logits in training only (Zhao et al., RecSys 2019): "
+        "{tasks, features, hidden, dropout, serve_as: drop | missing | {feature: value}}; "
+        "docs/architectures.md",
+    )
+    adversarial_tasks: dict[str, float] = Field(
+        default_factory=dict,
+        description="auxiliary task -> lambda: its tower reads its input through a "
+        "gradient-reversal layer (domain-adversarial, Ganin & Lempitsky, ICML 2015)",
+    )
+    next_item: NextItemParams | None = Field(
+        default=None,
+        description="DIEN's auxiliary loss: a GRU over a sequence feature's embeddings scores "
+        "the next item against sampled negatives (Zhou et al., AAAI 2019): "
+        "{feature, weight, negatives}",
+    )
 
 
 class MultiTaskModel(nn.Module, ABC):
@@ -83,6 +185,17 @@ class MultiTaskModel(nn.Module, ABC):
 
     Params: ClassVar[type[ModelParams]] = ModelParams
     paper: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every model's output carries its task specs, so that predictions can be asked by
+        # task name (ModelOutput.predictions): each forward a subclass defines is wrapped
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if callable(forward) and not getattr(forward, "_with_task_specs", False):
+            cls.forward = _with_task_specs(forward)  # type: ignore[method-assign]
+        init = cls.__dict__.get("__init__")
+        if callable(init) and not getattr(init, "_attaches_options", False):
+            cls.__init__ = _attaching_late_options(init)  # type: ignore[method-assign]
 
     def __init__(
         self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: ModelParams
@@ -96,6 +209,18 @@ class MultiTaskModel(nn.Module, ABC):
         self.params = params
         if params.fm_tasks:
             self._add_fm(params.fm_tasks, params.fm_dim)
+        if params.wide_tasks or params.wide_features is not None or params.wide_crosses:
+            self._add_wide(params)
+        if layout.bias is not None or params.bias_tower is not None:
+            attach_bias(self)  # the role: bias features never reach the architecture
+
+    def _attach_late_options(self) -> None:
+        """Options that need the architecture's blocks (its towers, its embedding), attached
+        once the model's own ``__init__`` has returned (:mod:`mtlrec.models.addons`)."""
+        if self.params.adversarial_tasks:
+            attach_adversarial(self)
+        if self.params.next_item is not None:
+            attach_next_item(self)
 
     def _add_fm(self, fm_tasks: Sequence[str], dim: int) -> None:
         """Add one FM term (first + second order over the fields) to the logits of
@@ -119,12 +244,85 @@ class MultiTaskModel(nn.Module, ABC):
 
         self.register_forward_hook(add_fm)
 
+    def _add_wide(self, p: ModelParams) -> None:
+        """Add a wide part (Cheng et al., DLRS 2016; :class:`~mtlrec.nn.wide.WideLinear`, one
+        linear model per task over sparse features and hashed crosses) to the logits of
+        ``wide_tasks``, after the architecture's own forward, as the FM term."""
+        from mtlrec.errors import ConfigError
+        from mtlrec.nn.wide import WideLinear
+
+        kinds = {t.name: t.kind for t in self.tasks}
+        if not p.wide_tasks:
+            raise ConfigError("wide_features / wide_crosses need wide_tasks (the tasks to feed)")
+        for t in p.wide_tasks:
+            if kinds.get(t) not in ("binary", "regression"):
+                raise ConfigError(f"wide_tasks: {t!r} is not a binary or regression task here")
+        features = p.wide_features
+        if features is None:
+            features = tuple(f.name for f in self.layout.sparse)
+        try:
+            self.wide = WideLinear(
+                self.layout, p.wide_tasks, features, p.wide_crosses, p.wide_buckets
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        tasks = tuple(p.wide_tasks)
+
+        def add_wide(module: nn.Module, args: tuple, output: ModelOutput) -> ModelOutput:
+            term = module.wide(args[0])  # [B, T] (module, not self: survives deepcopy)
+            logits = dict(output.logits)
+            for k, t in enumerate(tasks):
+                logits[t] = logits[t] + term[:, k]
+            output.logits = logits
+            return output
+
+        self.register_forward_hook(add_wide)
+
+    def predict_proba(
+        self, features: Features, tasks: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Predictions per task name, in eval mode and without gradients: probabilities
+        (binary), class probabilities (multiclass) or values (regression).
+
+        Args:
+            features: one batch of encoded features (``Batch.features``).
+            tasks: task names (default: every task of the model).
+
+        Returns:
+            Task name -> ``[B]`` or ``[B, C]``.
+
+        Example:
+            >>> from mtlrec.models import build_model
+            >>> from mtlrec.testing import tiny_dataset
+            >>> pre, ds = tiny_dataset(20)
+            >>> model = build_model("mmoe", pre.schema, pre.table_sizes(), {"num_experts": 2})
+            >>> p = model.predict_proba(ds.features_at(slice(0, 4)))
+            >>> sorted(p), tuple(p["click"].shape)
+            (['click', 'watch'], (4,))
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self(features).predictions(tasks)
+        finally:
+            self.train(was_training)
+
     @property
     def loss_task_names(self) -> tuple[str, ...]:
         """Tasks that carry a loss (all by default; ESMM's CVR has none)."""
         return self.task_names
 
     def make_embedding(self) -> EmbeddingCollection:
+        """The embedding of ``self.layout`` on its backend (``layout.backend``): the fused
+        torch tables, or TorchRec tables built on ``meta`` for sharding
+        (:mod:`mtlrec.nn.torchrec_embedding`); both give ``Embedded`` and ``out_dim``."""
+        if self.layout.backend == "torchrec":
+            from mtlrec.nn.torchrec_embedding import TorchRecEmbeddingCollection
+
+            return TorchRecEmbeddingCollection(  # type: ignore[return-value]
+                self.layout, init_std=self.params.embedding_init_std
+            )
         return EmbeddingCollection(self.layout, init_std=self.params.embedding_init_std)
 
     @abstractmethod
@@ -133,18 +331,36 @@ class MultiTaskModel(nn.Module, ABC):
 
     @abstractmethod
     def task_parameters(self, task: str) -> list[nn.Parameter]:
-        """Parameters that only task ``task`` uses (its tower, gate, own experts...)."""
+        """Parameters that only task ``task``'s loss reaches (its tower, gate, own experts...):
+        gradient-based balancing strategies give them that task's plain gradient and combine
+        the gradients of everything else (:meth:`shared_parameters`)."""
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters used by more than one task (everything not task-specific)."""
         own = {id(p) for t in self.task_names for p in self.task_parameters(t)}
         return [p for p in self.parameters() if id(p) not in own]
 
+    def task_group_parameters(self, task: str) -> list[nn.Parameter]:
+        """The parameters that belong to task ``task``: its tower, its gates and its
+        task-specific experts at every level, the optimiser group ``task:<name>`` of a
+        per-task learning rate. A superset of :meth:`task_parameters` (default: the same):
+        PLE's task experts below the last level are the task's own although other tasks'
+        losses reach them through the next level's shared gate. Disjoint across tasks."""
+        return self.task_parameters(task)
+
+    def last_shared_layer(self) -> nn.Parameter | None:
+        """The weight of the last shared layer that every loss task's loss reaches (GradNorm's
+        ``W``, Chen et al., ICML 2018): a weight matrix (``[in, out]``, or ``[E, in, out]`` for a
+        stack of experts), never a bias or a gate. None when the tasks share no dense layer.
+        Every registered model declares its own (a test checks each over the registry)."""
+        return None
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Embedding tables (optimisers may treat them apart, e.g. without weight decay)."""
-        return [
-            p for m in self.modules() if isinstance(m, EmbeddingCollection) for p in m.parameters()
-        ]
+        from mtlrec.nn.torchrec_embedding import TorchRecEmbeddingCollection
+
+        kinds = (EmbeddingCollection, TorchRecEmbeddingCollection)
+        return [p for m in self.modules() if isinstance(m, kinds) for p in m.parameters()]
 
 
 def params_of(*modules: nn.Module | None) -> list[nn.Parameter]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import BaseModel
@@ -17,6 +18,8 @@ def build_model(
     schema: Schema,
     table_sizes: dict[str, int],
     params: dict[str, Any] | BaseModel | None = None,
+    *,
+    embedding_backend: str = "torch",
 ) -> MultiTaskModel:
     """Instantiate model ``name`` for ``schema``.
 
@@ -25,6 +28,8 @@ def build_model(
         schema: features and tasks.
         table_sizes: rows of every embedding table (from the fitted encoders).
         params: the model's options; unknown keys are rejected.
+        embedding_backend: ``torch`` (fused torch tables) or ``torchrec`` (TorchRec tables on
+            the ``meta`` device until the trainer shards them; :mod:`mtlrec.train.sharded`).
 
     Example:
         >>> from mtlrec.testing import tiny_schema
@@ -36,5 +41,7 @@ def build_model(
     entry = MODELS.get(name)
     p = MODELS.parse_params(name, params)
     layout = FeatureLayout.from_schema(schema, table_sizes)
+    if embedding_backend != "torch":
+        layout = dataclasses.replace(layout, backend=embedding_backend)
     model: MultiTaskModel = entry.cls(layout, schema.tasks, p)
     return model

@@ -74,6 +74,11 @@ class _Stitched(MultiTaskModel):
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])
 
+    def last_shared_layer(self) -> nn.Parameter:
+        # the last per-task layer, [T, in, out]: its stitch unit mixes every task's member
+        # into every tower
+        return self.layers[-1].weights[-1]
+
 
 @MODELS.register("cross_stitch", params=CrossStitchParams, paper="Misra et al. CVPR 2016")
 class CrossStitchNet(_Stitched):

@@ -67,8 +67,20 @@ class ESMM(MultiTaskModel):
                     f"esmm: model.params.{role} is {name!r} but the schema has no binary task "
                     f"of that name (tasks: {list(kinds)})"
                 )
+        masked = {t.name: t.mask for t in self.tasks if t.name in (p.ctr_task, p.ctcvr_task)}
+        for name, mask in masked.items():
+            if mask is not None:
+                raise ConfigError(
+                    f"esmm: task {name!r} has mask {mask!r}, but ESMM trains its CTR and CTCVR "
+                    "tasks over the entire space of impressions (Ma et al., SIGIR 2018, Eq. 3): "
+                    "a mask would restrict pCTCVR to a sub-space and bring back the sample "
+                    "selection bias that ESMM removes; drop the mask (only the CVR task keeps "
+                    "its click mask, for evaluation)"
+                )
         if set(p.fm_tasks) & {p.ctr_task, p.cvr_task, p.ctcvr_task}:
             raise ConfigError("esmm: fm_tasks cannot include the ctr, cvr or ctcvr task")
+        if set(p.wide_tasks) & {p.ctr_task, p.cvr_task, p.ctcvr_task}:
+            raise ConfigError("esmm: wide_tasks cannot include the ctr, cvr or ctcvr task")
         self.ctr, self.cvr, self.ctcvr = p.ctr_task, p.cvr_task, p.ctcvr_task
         self.embedding = self.make_embedding()
         d = self.embedding.out_dim
@@ -97,3 +109,13 @@ class ESMM(MultiTaskModel):
         if task in (self.ctr, self.cvr, self.ctcvr):
             return []
         return params_of(self.heads.towers[task])
+
+    def last_shared_layer(self) -> nn.Parameter | None:
+        # the CTR loss reaches the CTR tower only, the CTCVR loss the CTR and CVR towers: the
+        # last layer both reach is the CTR tower's output layer. Other tasks' towers read the
+        # base, so with them the last common layer is the shared bottom (none on embeddings).
+        if set(self.loss_task_names) <= {self.ctr, self.ctcvr}:
+            return self.heads.towers[self.ctr].layers[-1].weight  # [1, hidden]
+        if isinstance(self.bottom, MLP):
+            return self.bottom.layers[-1].weight
+        return None

@@ -74,4 +74,11 @@ class MLMMoE(MultiTaskModel):
         return ModelOutput(logits, gates=gates, tower_inputs=read, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
-        return params_of(self.heads.towers[task])
+        # task k's gate at every level: its mixture is task k's stream, which only task k's
+        # gates and task k's pass through the (shared) experts of the next level read
+        k = self.task_names.index(task)
+        gates = [p for lvl in self.levels for p in lvl.task_gate_parameters(k)]
+        return [*params_of(self.heads.towers[task]), *gates]
+
+    def last_shared_layer(self) -> nn.Parameter:
+        return self.levels[-1].experts.weights[-1]  # the last level's experts, last layer

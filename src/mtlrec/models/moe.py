@@ -78,6 +78,9 @@ class _MoEBase(MultiTaskModel):
         )
         self.heads = TaskHeads(self.tasks, p.expert_hidden[-1], p.tower_hidden, **heads_kwargs(p))
 
+    def last_shared_layer(self) -> nn.Parameter:
+        return self.experts.weights[-1]  # the experts' last layer, [E, in, out] (or [in, E*out])
+
     def _gate_and_mix(self, features: Features) -> tuple[dict, torch.Tensor, dict]:
         x = self.embedding(features).flat  # [B, D]
         experts = self.experts(x)  # [E, B, H]

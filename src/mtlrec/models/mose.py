@@ -101,3 +101,6 @@ class MoSE(MultiTaskModel):
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.gates[task], self.heads.towers[task])
+
+    def last_shared_layer(self) -> nn.Parameter:
+        return self.experts.w_ih  # the recurrent experts' input weights, [K, in, G * H]

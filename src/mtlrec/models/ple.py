@@ -76,8 +76,26 @@ class _Extraction(MultiTaskModel):
         return ModelOutput(logits, gates=gates, tower_inputs=read, aux_losses=aux)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
-        # experts and gates of a level are stacked tensors shared by all tasks' slices
-        return params_of(self.heads.towers[task])
+        # what only this task's loss reaches: its tower; the last level's task experts and
+        # gate; and the task gate of the level before (its mixture feeds only this task's
+        # experts and gate of the last level, which has no shared gate). Task experts below the
+        # last level also feed that level's shared gate, and so every task: shared.
+        k = self.task_names.index(task)
+        levels = list(self.levels)
+        own = [*params_of(self.heads.towers[task]), *levels[-1].task_parameters(k)]
+        if len(levels) > 1:
+            own += levels[-2].task_gate_parameters(k)
+        return own
+
+    def task_group_parameters(self, task: str) -> list[nn.Parameter]:
+        # the task's tower and, at every level, its own experts and gate
+        k = self.task_names.index(task)
+        own = params_of(self.heads.towers[task])
+        return own + [p for lvl in self.levels for p in lvl.task_parameters(k)]
+
+    def last_shared_layer(self) -> nn.Parameter:
+        # the shared experts of the last level, last layer: every task's gate weighs them
+        return self.levels[-1].experts.group_layer_weight(len(self.tasks), -1)
 
 
 @MODELS.register("cgc", params=CGCParams, paper="Tang et al., RecSys 2020")

@@ -50,3 +50,6 @@ class SharedBottom(MultiTaskModel):
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])
+
+    def last_shared_layer(self) -> nn.Parameter:
+        return self.bottom.layers[-1].weight  # [out, in]

@@ -89,6 +89,9 @@ class AsymmetricSharing(MultiTaskModel):
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])
 
+    def last_shared_layer(self) -> nn.Parameter:
+        return self.bottoms.weights[-1]  # the bottoms' last layer, [T, in, out]
+
 
 @MODELS.register("customized_sharing", params=CustomizedParams, paper="Tang et al. RecSys 2020")
 class CustomizedSharing(MultiTaskModel):
@@ -130,3 +133,7 @@ class CustomizedSharing(MultiTaskModel):
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])
+
+    def last_shared_layer(self) -> nn.Parameter:
+        # the shared bottom's last layer (member 0 of the fused stack when widths agree)
+        return self.bottoms.weights[-1] if self.fused else self.shared.weights[-1]

@@ -89,3 +89,8 @@ class SoftSharing(MultiTaskModel):
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return params_of(self.heads.towers[task])
+
+    def last_shared_layer(self) -> nn.Parameter:
+        # the tied bottoms' last layer, [T, in, out] (the embedding is the only fully shared
+        # layer; each task reaches its own member here)
+        return self.bottoms.weights[-1]

@@ -55,7 +55,7 @@ class STEM(MultiTaskModel):
         d = self.embeddings["__shared__"].out_dim
         self.bank = ExpertBank(
             t + 1, d, p.expert_hidden, activation=p.activation, dropout=p.dropout,
-            shared_input=False,
+            shared_input=False, groups=(1,) * (t + 1),  # expert k < T: task k's; T: shared
         )  # fmt: skip
         self.gates = nn.ModuleDict(
             {
@@ -83,4 +83,10 @@ class STEM(MultiTaskModel):
         return ModelOutput(logits, gates=gates, tower_inputs=read)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
-        return params_of(self.embeddings[task], self.gates[task], self.heads.towers[task])
+        # the task's expert too: the other tasks' gates read it through stop-gradient
+        k = self.task_names.index(task)
+        own = params_of(self.embeddings[task], self.gates[task], self.heads.towers[task])
+        return [*own, *self.bank.group_parameters(k)]
+
+    def last_shared_layer(self) -> nn.Parameter:
+        return self.bank.group_layer_weight(len(self.tasks), -1)  # the shared expert, [1, in, out]

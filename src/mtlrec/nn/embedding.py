@@ -9,6 +9,7 @@ positions) with ``embedding_bag`` or kept whole for sequence models.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,27 @@ class FeatureLayout:
     dense: tuple[str, ...]
     table_sizes: dict[str, int]
     table_dims: dict[str, int]
+    #: which implementation holds the tables: ``torch`` (:class:`EmbeddingCollection`) or
+    #: ``torchrec`` (:mod:`mtlrec.nn.torchrec_embedding`); read by ``make_embedding`` only
+    backend: str = "torch"
+    #: the schema's selection-bias features (``role: bias``), which are not part of this input:
+    #: read only by a bias tower (:mod:`mtlrec.nn.bias`); None when the schema has none
+    bias: FeatureLayout | None = None
+    #: features whose encoded value needs no fitted encoder: pre-indexed ids (``vocab_size``:
+    #: value ``v`` is id ``v + 2``) and untransformed numbers (``transform: none``)
+    direct: frozenset[str] = frozenset()
 
     @classmethod
     def from_schema(cls, schema: Schema, table_sizes: dict[str, int]) -> FeatureLayout:
         missing = set(schema.tables()) - set(table_sizes)
         if missing:
             raise ValueError(f"no table size for {sorted(missing)}")
+        if schema.bias_features:  # the main input without them; theirs apart
+            bias = [f.model_copy(update={"role": "input"}) for f in schema.bias_features]
+            main = [f for f in schema.features if f.role != "bias"]
+            split = (schema.model_copy(update={"features": tuple(fs)}) for fs in (main, bias))
+            lay_main, lay_bias = (cls.from_schema(s, table_sizes) for s in split)
+            return dataclasses.replace(lay_main, bias=lay_bias)
         return cls(
             sparse=tuple(FieldSpec(f.name, f.table_name, f.embedding_dim) for f in schema.sparse),
             sequences=tuple(
@@ -62,6 +78,12 @@ class FeatureLayout:
             dense=tuple(f.name for f in schema.dense),
             table_sizes={k: int(table_sizes[k]) for k in schema.tables()},
             table_dims={k: v[0].embedding_dim for k, v in schema.tables().items()},
+            direct=frozenset(
+                f.name
+                for f in schema.features
+                if getattr(f, "vocab_size", None) is not None
+                or getattr(f, "transform", None) == "none"
+            ),
         )
 
     @property
@@ -153,6 +175,12 @@ class EmbeddingCollection(nn.Module):
         off = self.table_offset[table]
         w: Tensor = self.tables[self._dim_key[d]].weight
         return w[off : off + self.layout.table_sizes[table]]
+
+    def embed_ids(self, table: str, ids: Tensor) -> Tensor:
+        """Rows of one table for local ids of any shape (``[...] -> [..., E]``), e.g. sampled
+        negatives; gradients as for the batch's own lookups (sparse when the tables are)."""
+        weight = self.tables[self._dim_key[self.layout.table_dims[table]]].weight
+        return F.embedding(ids + self.table_offset[table], weight, sparse=self.sparse_grad)
 
     def embed_fields(self, features: Features) -> list[Tensor]:
         """Sparse fields embedded, one ``[B, F_group, E_group]`` tensor per width group."""

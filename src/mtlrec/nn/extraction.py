@@ -2,7 +2,10 @@
 
 Each level runs all of its experts as one :class:`~mtlrec.nn.experts.ExpertBank` (one fused
 GEMM when the experts share their input, one batched matmul otherwise), its task gates as one
-:class:`~mtlrec.nn.gates.GateBank`, and mixes every gate's experts with one einsum.
+:class:`~mtlrec.nn.gates.GateBank`, and mixes every gate's experts with one einsum. A task's own
+experts and its gate are parameters of their own (the banks store them per owner and
+concatenate them at forward time), so :meth:`ExtractionLevel.task_parameters` can hand them to
+the task's optimiser group.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ class ExtractionLevel(nn.Module):
 
     Experts are ordered task by task (``experts_per_task`` each), then the ``shared_experts``.
     Task k's gate weighs task k's experts and the shared ones; the optional shared gate weighs
-    every expert of the level and feeds the next level's shared experts.
+    every expert of the level and feeds the next level's shared experts. The expert bank keeps
+    one parameter group per task and one for the shared experts, the gate bank one per task
+    (:meth:`task_parameters`, :meth:`shared_expert_parameters`).
 
     Args:
         num_tasks: T.
@@ -78,8 +83,9 @@ class ExtractionLevel(nn.Module):
             activation=activation,
             dropout=dropout,
             shared_input=first,
+            groups=(m,) * t + (s,),  # group k < T: task k's experts; group T: the shared ones
         )
-        self.task_gates = GateBank(t, in_dim, m + s, shared_input=first, **opts)
+        self.task_gates = GateBank(t, in_dim, m + s, shared_input=first, separate=True, **opts)
         self.shared_gate = Gate(in_dim, self.num_experts, **opts) if shared_gate else None
         # stream each expert reads: its task's (0..T-1) or the shared one (T)
         group = torch.cat([torch.arange(t).repeat_interleave(m), torch.full((s,), t)])
@@ -88,6 +94,43 @@ class ExtractionLevel(nn.Module):
         own = torch.arange(t * m).view(t, m)
         shared = torch.arange(t * m, t * m + s).expand(t, s)
         self.register_buffer("task_experts", torch.cat([own, shared], 1), persistent=False)
+
+    def task_experts_parameters(self, task: int) -> list[nn.Parameter]:
+        """The parameters of task ``task``'s own experts."""
+        return self.experts.group_parameters(task)
+
+    def task_gate_parameters(self, task: int) -> list[nn.Parameter]:
+        """The parameters of task ``task``'s gate."""
+        return self.task_gates.gate_parameters(task)
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        """Task ``task``'s own experts and its gate."""
+        return [*self.task_experts_parameters(task), *self.task_gate_parameters(task)]
+
+    def shared_expert_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the shared experts."""
+        return self.experts.group_parameters(self.num_tasks)
+
+    @torch.no_grad()
+    def permute_experts_(self, perm: Tensor) -> None:
+        """Reorder the experts in place (new expert j := old expert ``perm[j]``) and every
+        gate's columns with them: the level computes the same function.
+
+        ``perm`` must keep each expert in its group (a task's experts, the shared ones): task
+        k's gate weighs only its own and the shared experts, and expert j reads its group's
+        stream.
+        """
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        group = self.expert_stream
+        if perm.shape != group.shape or not torch.equal(group[perm], group):
+            raise ValueError(f"not a permutation within the expert groups: {perm.tolist()}")
+        self.experts.permute_members_(perm)
+        own = self.task_experts  # [T, m + s]: expert of gate k's column c
+        col = torch.zeros(self.num_tasks, self.num_experts, dtype=torch.long)
+        col.scatter_(1, own, torch.arange(own.shape[1]).expand_as(own))  # column of expert e
+        self.task_gates.permute_experts_(col.gather(1, perm[own]))  # [T, m + s]
+        if self.shared_gate is not None:
+            self.shared_gate.permute_experts_(perm)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[GateOutput]]:
         t = self.num_tasks
@@ -111,7 +154,8 @@ class StackedMoELevel(nn.Module):
     At the first level every task reads the same input (the level is an MMoE layer); at deeper
     levels the experts, still shared, read each task's stream of the previous level (the task
     streams are folded into the batch, so the first layer stays one GEMM) and task k's gate
-    reads task k's stream.
+    reads task k's stream. Task k's gate is a parameter group of its own
+    (:meth:`task_gate_parameters`).
 
     Shapes:
         ``[B, in]`` (first) or ``[T, B, in]`` -> ``[T, B, expert_dims[-1]]``.
@@ -144,8 +188,24 @@ class StackedMoELevel(nn.Module):
             num_experts, in_dim, expert_dims, activation=activation, dropout=dropout
         )
         self.gates = GateBank(
-            num_tasks, in_dim, num_experts, shared_input=first, **(gate_options or {})
+            num_tasks,
+            in_dim,
+            num_experts,
+            shared_input=first,
+            separate=True,  # task k's gate: parameters of its own
+            **(gate_options or {}),
         )
+
+    def task_gate_parameters(self, task: int) -> list[nn.Parameter]:
+        """The parameters of task ``task``'s gate."""
+        return self.gates.gate_parameters(task)
+
+    @torch.no_grad()
+    def permute_experts_(self, perm: Tensor) -> None:
+        """Reorder the experts in place (new expert j := old expert ``perm[j]``) and the gates'
+        columns with them: the level computes the same function."""
+        self.experts.permute_members_(perm)
+        self.gates.permute_experts_(perm)
 
     def forward(self, x: Tensor) -> tuple[Tensor, GateOutput]:
         g = self.gates.route(x)  # weights [T, B, E]

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mtlrec.nn.mlp import MLP, ParallelMLP
+from mtlrec.nn.experts import GroupedParallelMLP
+from mtlrec.nn.mlp import MLP
 
 GATE_KINDS = ("softmax", "dselect")
 PENALTIES = ("none", "load_balance", "entropy")
@@ -191,6 +192,22 @@ class Gate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.route(x).weights
 
+    def _check_permutable(self) -> None:
+        if self.kind != "softmax":
+            raise ValueError("only a softmax gate has one logit per expert to permute")
+
+    @torch.no_grad()
+    def permute_experts_(self, perm: Tensor) -> None:
+        """Reorder the gate's experts in place: new weight column j := old column ``perm[j]``
+        (softmax gates: the rows of the logit layer), for experts permuted the same way."""
+        self._check_permutable()
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if not torch.equal(perm.sort().values, torch.arange(self.num_experts)):
+            raise ValueError(f"not a permutation of {self.num_experts} experts: {perm.tolist()}")
+        last = self.net.layers[-1]
+        last.weight.copy_(last.weight[perm])  # [n, hidden]
+        last.bias.copy_(last.bias[perm])  # [n]
+
 
 class GateBank(Gate):
     """``num`` gates of the same shape computed together.
@@ -201,6 +218,9 @@ class GateBank(Gate):
         num_experts: experts each gate weighs.
         shared_input: all gates read one ``[B, in_dim]`` input (their first layers are one
             GEMM); otherwise gate g reads slice g of ``[num, B, in_dim]`` (one batched matmul).
+        separate: each gate's parameters are tensors of their own (concatenated at forward
+            time, still one GEMM / batched matmul per layer), so that they can belong to their
+            task (``gate_parameters``); otherwise one stacked tensor per layer.
         hidden, temperature, activation, kind, k, gamma, dropout: as in :class:`Gate`.
 
     Shapes:
@@ -219,6 +239,7 @@ class GateBank(Gate):
         num_experts: int,
         *,
         shared_input: bool = True,
+        separate: bool = False,
         hidden: Sequence[int] = (),
         temperature: float = 1.0,
         activation: str = "relu",
@@ -227,16 +248,17 @@ class GateBank(Gate):
         gamma: float = 1.0,
         dropout: float = 0.0,
     ) -> None:
-        nn.Module.__init__(self)  # a Gate, with a ParallelMLP for ``net``
+        nn.Module.__init__(self)  # a Gate, with a (grouped) ParallelMLP for ``net``
         self.head = _GateHead(num_experts, kind, temperature, k, gamma, dropout)
         self.num = num
         self.temperature = temperature
         self.num_experts = num_experts
         self.kind = kind
-        self.net = ParallelMLP(
+        self.net = GroupedParallelMLP(
             num,
             in_dim,
             [*hidden, self.head.width],
+            groups=(1,) * num if separate else None,
             shared_input=shared_input,
             activation=activation,
             last_activation=False,
@@ -244,6 +266,18 @@ class GateBank(Gate):
 
     def route(self, x: Tensor) -> GateOutput:
         return self.head(self.net(x))  # [num, B, width] -> [num, B, n]
+
+    def gate_parameters(self, gate: int) -> list[nn.Parameter]:
+        """The parameters of gate ``gate`` alone (needs ``separate``)."""
+        if not self.net.grouped:
+            raise ValueError("the gates of this bank share stacked tensors (separate=False)")
+        return self.net.group_parameters(gate)
+
+    def permute_experts_(self, perm: Tensor) -> None:
+        """As :meth:`Gate.permute_experts_`, per gate: ``perm`` is ``[num, n]`` (gate g's new
+        column j := its old column ``perm[g, j]``) or ``[n]`` for every gate."""
+        self._check_permutable()
+        self.net.permute_outputs_(perm)  # type: ignore[operator]
 
 
 def _entropy(p: Tensor) -> Tensor:

@@ -61,6 +61,8 @@ class _ReluThenMemberLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor | None, grad_h: Tensor | None):  # type: ignore[override]
         h, w = ctx.saved_tensors
+        if w.dtype != h.dtype:  # autocast ran the forward in h's dtype (bf16 / fp16)
+            w = w.to(h.dtype)
         num = ctx.num
         bsz = h.shape[0]
         x = h.view(bsz, num, -1).transpose(0, 1)
@@ -211,9 +213,14 @@ class ParallelMLP(nn.Module):
             prev = d
         self.out_dim = prev
 
+    def layer_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Every layer's weight and bias with all members stacked (subclasses may store the
+        members in pieces and assemble them here)."""
+        return list(self.weights), list(self.biases)
+
     def member_weight(self, layer: int, member: int) -> Tensor:
         """The ``[in, out]`` weight of one member in one layer (a view)."""
-        w = self.weights[layer]
+        w = self.layer_tensors()[0][layer]
         if layer == 0 and self.shared_input:
             d = self.dims[0]
             return w[:, member * d : (member + 1) * d]
@@ -221,7 +228,7 @@ class ParallelMLP(nn.Module):
 
     def member_weights(self, layer: int) -> Tensor:
         """The weights of all members in one layer, ``[num, in, out]`` (a view)."""
-        w = self.weights[layer]
+        w = self.layer_tensors()[0][layer]
         if layer == 0 and self.shared_input:
             return w.view(w.shape[0], self.num, self.dims[0]).transpose(0, 1)  # [num, in, d]
         return w
@@ -238,7 +245,8 @@ class ParallelMLP(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        n_layers = len(self.weights)
+        weights, biases = self.layer_tensors()
+        n_layers = len(weights)
         fuse = (
             self.shared_input
             and n_layers > 1
@@ -250,7 +258,7 @@ class ParallelMLP(nn.Module):
             and not torch._C._are_functorch_transforms_active()
         )
         for i in range(n_layers):
-            w, b = self.weights[i], self.biases[i]
+            w, b = weights[i], biases[i]
             last = i == n_layers - 1
             if fuse and i == 0:
                 x = torch.addmm(b, x, w)  # [B, num * d], activated by the next layer

@@ -12,9 +12,14 @@ Example:
     >>> app = create_app(Scorer.load("runs/mmoe"), max_candidates=500)  # doctest: +SKIP
 """
 
+import ctypes
 import json
 import math
 import os
+import signal
+import sys
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -33,6 +38,10 @@ from mtlrec.serve.scorer import Scorer
 
 DEFAULT_MAX_CANDIDATES = 1000
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+ECHO_MAX_CHARS = 200
+"""A 422 answer echoes at most about this many characters of each offending input."""
+MAX_ERRORS_SHOWN = 20
+"""A 422 answer lists at most this many errors (then says how many more there were)."""
 
 
 class BodyLimit:
@@ -106,7 +115,7 @@ def create_app(
             candidate); ``None`` lets any column be given in either place.
     """
     schema = scorer.schema
-    columns = schema.input_columns()
+    columns = schema.scoring_columns()  # bias features (role: bias) are not asked for
     if context_features is not None:
         unknown = sorted(set(context_features) - set(columns))
         if unknown:
@@ -118,8 +127,8 @@ def create_app(
         schema, context_features=context_features, max_candidates=max_candidates, fused=fused
     )
     by_source = {f.source: f for f in schema.features}
-    tasks = schema.tasks
-    task_names = list(schema.task_names)
+    tasks = schema.primary_tasks  # auxiliary tasks are trained, never served
+    task_names = list(schema.primary_task_names)
     responses: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorDetail, "description": "malformed request"},
         413: {"model": ErrorDetail, "description": "request body too large"},
@@ -250,9 +259,10 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # the offending input is echoed back; JSON has no NaN / Infinity (the request may
+        # the offending input is echoed back, cut to a few hundred characters (a bad request
+        # of megabytes must not come back whole); JSON has no NaN / Infinity (the request may
         # hold them: Python's JSON parser accepts the literals), so those are sent as text
-        return JSONResponse({"detail": _json_safe(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": _capped_errors(exc.errors())}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -270,13 +280,17 @@ def app_from_env() -> FastAPI:
     ``fusion``, ``threads``, ``max_candidates``, ``max_body_bytes``, ``context_features``).
 
     The app factory of ``mtlrec serve --workers N``: every worker process loads the model
-    itself (uvicorn starts workers by spawning, so nothing is shared or pickled).
+    itself (uvicorn starts workers by spawning, so nothing is shared or pickled). With
+    ``parent_pid`` the worker ends when that process (``mtlrec serve``) ends, however it ends.
     """
     import torch
 
     opts = json.loads(os.environ[SERVE_OPTIONS_ENV])
+    exit_with_parent(opts.get("parent_pid"))
     torch.set_num_threads(int(opts["threads"]))
-    scorer = Scorer.load(opts["run"], fusion=opts.get("fusion"))
+    scorer = Scorer.load(
+        opts["run"], fusion=opts.get("fusion"), precision=opts.get("precision", "fp32")
+    )
     app = create_app(
         scorer,
         max_candidates=int(opts["max_candidates"]),
@@ -285,6 +299,42 @@ def app_from_env() -> FastAPI:
     )
     freeze_heap()
     return app
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(parent_pid: int | None) -> None:
+    """End this process when its parent ``parent_pid`` ends, even when the parent is killed
+    with SIGKILL (then nobody is left to stop the workers, which would keep the port open).
+
+    On Linux the kernel does it: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``. Elsewhere (or if that
+    call fails) a daemon thread checks twice a second whether the parent changed, and then
+    sends this process SIGTERM (uvicorn's graceful stop), and exits 5 s later at the latest.
+    A parent already gone when this is called ends the process at once.
+    """
+    if not parent_pid:
+        return
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # gone before the guard was armed
+        os._exit(1)
+    if armed:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mtlrec-exit-with-parent", daemon=True).start()
 
 
 def freeze_heap() -> None:
@@ -296,6 +346,67 @@ def freeze_heap() -> None:
 
     gc.collect()
     gc.freeze()
+
+
+def _capped_errors(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI's validation errors, the first :data:`MAX_ERRORS_SHOWN` of them, with every
+    echoed ``input`` (and any long string in ``loc``, ``msg`` or ``ctx``) cut to about
+    :data:`ECHO_MAX_CHARS` characters."""
+    errors = list(errors)
+    out = []
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        e = dict(e)
+        if "input" in e:
+            e["input"] = _echo(e["input"], [ECHO_MAX_CHARS])
+        for k in ("loc", "msg", "ctx"):
+            if k in e:
+                e[k] = _echo(e[k], [4 * ECHO_MAX_CHARS])
+        out.append(_json_safe(e))
+    if len(errors) > MAX_ERRORS_SHOWN:
+        more = len(errors) - MAX_ERRORS_SHOWN
+        out.append(
+            {
+                "type": "too_many_errors",
+                "loc": ["body"],
+                "msg": f"and {more} more errors (the first {MAX_ERRORS_SHOWN} are shown)",
+                "input": None,
+            }
+        )
+    return out
+
+
+def _echo(x: Any, budget: list[int]) -> Any:
+    """``x`` cut to roughly ``budget[0]`` characters of JSON: long strings end in ``...``,
+    long lists and mappings keep their first items and say how many there were."""
+    if budget[0] <= 0:
+        return "..."
+    if isinstance(x, str):
+        n = len(x)
+        cut = x if n <= budget[0] else x[: max(budget[0], 16)] + f"... ({n} characters)"
+        budget[0] -= len(cut) + 2
+        return cut
+    if isinstance(x, dict):
+        out: dict[str, Any] = {}
+        for i, (k, v) in enumerate(x.items()):
+            if budget[0] <= 0:
+                out["..."] = f"({len(x) - i} more keys)"
+                break
+            key = str(k)[:64]
+            budget[0] -= len(key) + 4
+            out[key] = _echo(v, budget)
+        return out
+    if isinstance(x, list | tuple):
+        items: list[Any] = []
+        for i, v in enumerate(x):
+            if budget[0] <= 0:
+                items.append(f"... ({len(x) - i} more items)")
+                break
+            items.append(_echo(v, budget))
+        return items
+    if x is None or isinstance(x, bool | int | float):
+        budget[0] -= 8
+        return x
+    return _echo(str(x), budget)
 
 
 def _json_safe(x: Any) -> Any:

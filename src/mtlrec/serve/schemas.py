@@ -4,7 +4,10 @@ Every constraint lives in the types (so the OpenAPI document says exactly what i
 categorical values are strings or JSON integers (``66.0`` counts as an integer, booleans do
 not), dense values finite numbers in a declared range (``> -1`` for ``log1p`` features),
 sequences lists of categorical values; ``null`` is a missing value (OOV id, the feature's
-fill value, an empty sequence). Unknown fields are refused.
+fill value, an empty sequence), and so is a categorical string (or sequence element) that is
+empty or one of the run's null tokens (``data.null_values``, saved in ``encoders.json``:
+``"NA"`` by default), exactly as in the files the model was trained on
+(:mod:`mtlrec.data.columns`). Unknown fields are refused.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ def _description(f: Any) -> str:
         return f"dense feature {f.name!r} (number; null -> fill value {f.fill_value})"
     if isinstance(f, SequenceFeature):
         return f"sequence feature {f.name!r} (list of ids, most recent last; null -> empty)"
-    return f"categorical feature {f.name!r} (string or integer; null or unseen -> OOV)"
+    return (
+        f"categorical feature {f.name!r} (string or integer; null, a null token or unseen -> OOV)"
+    )
 
 
 def _row_model(name: str, schema: Schema, columns: list[str], required: bool) -> type[BaseModel]:
@@ -95,7 +100,7 @@ def request_models(
         max_candidates: the most candidates one request may hold.
         fused: whether a fusion is loaded (``sort_by='score'`` allowed).
     """
-    columns = schema.input_columns()
+    columns = schema.scoring_columns()  # bias features (role: bias) are not asked for
     if context_features is None:
         context = _row_model("Context", schema, columns, required=False)
         candidate = _row_model("Candidate", schema, columns, required=False)
@@ -105,7 +110,7 @@ def request_models(
         candidate = _row_model(
             "Candidate", schema, [c for c in columns if c not in context_features], required=True
         )
-    keys = [t.name for t in schema.tasks if t.kind != "multiclass"]
+    keys = [t.name for t in schema.primary_tasks if t.kind != "multiclass"]
     if fused:
         keys = ["score", *keys]
     sort_by = Enum("SortBy", {k: k for k in keys}, type=str)  # type: ignore[misc]

@@ -1,7 +1,8 @@
 """Scoring backends of the service: raw columns in, per-task predictions (and fused score) out.
 
 A :class:`Scorer` encodes one batch with the run's :class:`~mtlrec.data.preprocess.Preprocessor`
-(one pyarrow column per feature, built once per request) and runs either the eager PyTorch model
+(one pyarrow column per feature, built once per request, read with the run's rule for missing
+values: :mod:`mtlrec.data.columns`) and runs either the eager PyTorch model
 of a run folder (``inference_mode``) or an exported model (onnxruntime / TorchScript).
 """
 
@@ -18,9 +19,10 @@ import pyarrow as pa
 import torch
 
 from mtlrec.batch import Features
+from mtlrec.data.columns import to_missing
 from mtlrec.data.encoders import sequence_ids
 from mtlrec.data.preprocess import Preprocessor
-from mtlrec.errors import CheckpointError
+from mtlrec.errors import CheckpointError, ConfigError
 from mtlrec.export import SCORE_OUTPUT, ExportedModel, Fusion, load_fusion_file
 from mtlrec.schema import DenseFeature, Schema, SequenceFeature
 
@@ -60,10 +62,21 @@ class Scorer:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, path: str | Path, *, fusion: str | Path | None = None) -> Scorer:
+    def load(
+        cls, path: str | Path, *, fusion: str | Path | None = None, precision: str = "fp32"
+    ) -> Scorer:
         """A run folder (eager PyTorch, weights from safetensors) or an export folder (with a
-        ``manifest.json``: onnxruntime or TorchScript)."""
+        ``manifest.json``: onnxruntime or TorchScript). ``precision`` bf16 (a run folder only)
+        scores under autocast once :func:`~mtlrec.train.precision_check.require_precision`
+        allows it."""
         p = Path(path)
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
+        if precision != "fp32" and (p / "manifest.json").is_file():
+            raise ConfigError(
+                f"--precision {precision} is for a run folder; an export runs in fp32 (ONNX "
+                "Runtime's CPU provider has no bf16 Gemm)"
+            )
         if (p / "manifest.json").is_file():
             exported = ExportedModel.load(p)
             fuse = (
@@ -89,11 +102,17 @@ class Scorer:
             raise CheckpointError(f"{p}: no such run or export folder")
         run = load_run(p)
         model = run.model.eval()
-        tasks = run.schema.tasks
+        tasks = run.schema.primary_tasks  # auxiliary tasks are not served
+        from mtlrec.train.step import forward  # the one autocast of a forward pass
+
+        if precision != "fp32":
+            from mtlrec.train.precision_check import require_precision
+
+            require_precision(run, precision)
 
         def run_eager(features: Features) -> dict[str, np.ndarray]:
             with torch.inference_mode():
-                preds = model(features).predictions(tasks)
+                preds = forward(model, features, None, precision).predictions(tasks)
             return {k: v.numpy() for k, v in preds.items()}
 
         fuse = load_fusion_file(fusion, run.schema) if fusion is not None else None
@@ -105,7 +124,7 @@ class Scorer:
 
     @property
     def task_names(self) -> tuple[str, ...]:
-        return self.schema.task_names
+        return self.schema.primary_task_names
 
     def encode_columns(
         self, columns: Mapping[str, list[Any]], n: int
@@ -121,11 +140,20 @@ class Scorer:
         """
         s, pre = self.schema, self.preprocessor
         by_source = {f.source: f for f in s.features}
-        arrays = {c: pa.array(v, type=column_type(by_source[c])) for c, v in columns.items()}
+        # bias features (role: bias) are never needed to score: missing unless given
+        columns = {**{f.source: [None] for f in s.bias_features}, **columns}
+        # the run's rule for missing values (null tokens), as for files: a request's "NA" is
+        # what a CSV or Parquet file's "NA" is
+        arrays = {
+            c: to_missing(pa.array(v, type=column_type(by_source[c])), pre.null_values)
+            for c, v in columns.items()
+        }
         unknown: dict[str, int] = {}
         sparse = np.empty((n, len(s.sparse)), dtype=np.int32)
         for j, f in enumerate(s.sparse):
-            ids, unk = pre.tables[f.table_name].lookup_column(arrays[f.source])
+            ids, unk = pre.tables[f.table_name].lookup_column(
+                arrays[f.source], file="request", column=f.source
+            )
             sparse[:, j] = ids  # [n] or [1] broadcast
             unknown[f.name] = int(np.sum(unk))
         dense = np.empty((n, len(s.dense)), dtype=np.float32)
@@ -135,7 +163,9 @@ class Scorer:
             )
         seqs: dict[str, torch.Tensor] = {}
         for fs in s.sequences:
-            ids2, unk = sequence_ids(pre.tables[fs.table_name], fs, arrays[fs.source])
+            ids2, unk = sequence_ids(
+                pre.tables[fs.table_name], fs, arrays[fs.source], pre.null_values, file="request"
+            )
             if ids2.shape[0] != n:  # one context value
                 ids2 = np.repeat(ids2, n, axis=0)  # [n, L]
             seqs[fs.name] = torch.from_numpy(ids2)

@@ -6,29 +6,31 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mtlrec.metrics import is_better
-
-if TYPE_CHECKING:
-    from mtlrec.train.trainer import Trainer, TrainState
+from mtlrec.metrics.selection import is_better
+from mtlrec.train.state import TrainerView, TrainState
 
 
 class Callback:
     """Base class: override the hooks you need (all no-ops here)."""
 
-    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None: ...
+    def on_fit_start(self, trainer: TrainerView, state: TrainState) -> None: ...
 
-    def on_epoch_start(self, trainer: Trainer, state: TrainState, num_batches: int) -> None: ...
+    def on_epoch_start(self, trainer: TrainerView, state: TrainState, num_batches: int) -> None: ...
 
-    def on_step_end(self, trainer: Trainer, state: TrainState) -> None: ...
+    def on_step_end(self, trainer: TrainerView, state: TrainState) -> None: ...
 
-    def on_epoch_record(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+    def on_epoch_record(
+        self, trainer: TrainerView, state: TrainState, record: dict[str, Any]
+    ) -> None:
         """Add entries to the epoch's record before it is stored (history, log, checkpoint)."""
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None: ...
+    def on_epoch_end(
+        self, trainer: TrainerView, state: TrainState, record: dict[str, Any]
+    ) -> None: ...
 
-    def on_fit_end(self, trainer: Trainer, state: TrainState) -> None: ...
+    def on_fit_end(self, trainer: TrainerView, state: TrainState) -> None: ...
 
 
 class ProgressBar(Callback):
@@ -39,7 +41,7 @@ class ProgressBar(Callback):
         self._progress: Any = None
         self._task: Any = None
 
-    def on_epoch_start(self, trainer: Trainer, state: TrainState, num_batches: int) -> None:
+    def on_epoch_start(self, trainer: TrainerView, state: TrainState, num_batches: int) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -68,11 +70,11 @@ class ProgressBar(Callback):
             "", total=num_batches, completed=state.batch_in_epoch, loss=""
         )
 
-    def on_step_end(self, trainer: Trainer, state: TrainState) -> None:
+    def on_step_end(self, trainer: TrainerView, state: TrainState) -> None:
         if self._progress is not None:
             self._progress.update(self._task, advance=1)
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, record: dict[str, Any]) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -86,7 +88,7 @@ class ProgressBar(Callback):
             f"({record['samples_per_s']:.0f} samples/s)[/]"
         )
 
-    def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
+    def on_fit_end(self, trainer: TrainerView, state: TrainState) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -98,7 +100,7 @@ class JsonlLogger(Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+    def on_fit_start(self, trainer: TrainerView, state: TrainState) -> None:
         """Rewrite the log from the (resumed) state's history: an epoch logged after the last
         checkpoint was saved is dropped, because training repeats it."""
         from mtlrec.utils.atomic import write_text
@@ -106,7 +108,7 @@ class JsonlLogger(Callback):
         lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in state.history)
         write_text(self.path, lines)
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, record: dict[str, Any]) -> None:
         import os
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +129,11 @@ class Checkpointer(Callback):
         self.folder = Path(folder)
         self.every_steps = every_steps
 
-    def on_step_end(self, trainer: Trainer, state: TrainState) -> None:
+    def on_step_end(self, trainer: TrainerView, state: TrainState) -> None:
         if self.every_steps and state.step % self.every_steps == 0:
             trainer.save(self.folder / "last.safetensors", state)
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, record: dict[str, Any]) -> None:
         if state.is_best:
             trainer.save(self.folder / "best.safetensors", state)
         trainer.save(self.folder / "last.safetensors", state)
@@ -144,7 +146,7 @@ class EarlyStopping(Callback):
         self.patience = patience
         self.min_delta = min_delta
 
-    def on_epoch_end(self, trainer: Trainer, state: TrainState, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, state: TrainState, record: dict[str, Any]) -> None:
         if state.epochs_since_best >= self.patience:
             state.should_stop = True
             state.stop_reason = (

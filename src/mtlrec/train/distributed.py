@@ -21,6 +21,14 @@ How a step is made equal to one process's step on the whole global batch:
   metrics of the whole split and takes the same early-stopping decision.
 * **Files**: only rank 0 writes (checkpoints, logs, run files); every save is followed by a
   barrier, so no process reads a checkpoint before it is complete.
+* **Random masks**: the initial weights and the data order are the same in every process (rank
+  0's weights are broadcast at the start; the order is drawn from ``(seed, epoch)``), but the
+  dropout and gate-dropout masks must not be: with one seed everywhere, every process would drop
+  the same units of its share of the batch. Rank 0 keeps the stream of ``training.seed`` (the
+  one-process stream); rank ``r > 0`` re-seeds torch before every step from ``(seed, r, step)``
+  (:func:`rank_seed`), so its masks are independent of rank 0's and a resumed run draws the same
+  masks as an uninterrupted one (rank 0's generator state is in the checkpoint; the others' is a
+  function of the step).
 
 Strategies that need per-task gradients (``needs_grads``) or model outputs (``needs_outputs``)
 would see only the local shard's; they are refused with a :class:`ConfigError`, as are sparse
@@ -49,12 +57,14 @@ from torch import Tensor, nn
 
 from mtlrec.batch import Batch
 from mtlrec.data.dataset import ColumnarDataset
+from mtlrec.data.split import splitmix64
 from mtlrec.errors import ConfigError
+from mtlrec.losses import TaskLosses
 from mtlrec.models.base import ModelOutput
 from mtlrec.train.callbacks import Callback
+from mtlrec.train.state import TrainState
 from mtlrec.train.step import evaluate as evaluate_batches
-from mtlrec.train.trainer import Trainer, TrainState
-from mtlrec.utils.runtime import free_port
+from mtlrec.train.trainer import Trainer
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -135,9 +145,12 @@ class GlobalLossValues(nn.Module):
         total = local.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         mean = total / dist.get_world_size()
-        return {
+        values = {
             n: losses[n] + (mean[i] - local[i]).to(losses[n].dtype) for i, n in enumerate(names)
         }
+        # the valid-row counts are global already (count_reducer): every process sees the same
+        # tasks present, so the balancing strategy's update is the same everywhere
+        return TaskLosses(values, getattr(losses, "counts", {}))
 
 
 @dataclass
@@ -225,6 +238,39 @@ class _BroadcastStart(Callback):
                         dist.broadcast(t, src=0)
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of process ``rank`` for its random masks from ``step`` on: SplitMix64
+    of ``(seed, rank, step)`` chained, so nearby seeds, ranks and steps give unrelated streams.
+
+    Example:
+        >>> rank_seed(0, 1, 5) == rank_seed(0, 1, 5), rank_seed(0, 1, 5) != rank_seed(0, 2, 5)
+        (True, True)
+    """
+    h = int(splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0])
+    for v in (rank, step):
+        h = int(splitmix64(np.array([h ^ (v % 2**64)], dtype=np.uint64))[0])
+    return h >> 1  # torch seeds are below 2^63 here
+
+
+class _RankRandomness(Callback):
+    """Independent random masks per process (see the module notes): rank ``r > 0`` re-seeds
+    torch from ``(seed, r, step)`` at the start of fit and after every step; rank 0 keeps the
+    seeded (or resumed) stream of a one-process run."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def _reseed(self, trainer: Trainer, state: TrainState) -> None:
+        if self.rank > 0:
+            torch.manual_seed(rank_seed(trainer.config.seed, self.rank, state.step))
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        self._reseed(trainer, state)
+
+    def on_step_end(self, trainer: Trainer, state: TrainState) -> None:
+        self._reseed(trainer, state)
+
+
 class DistributedTrainer(Trainer):
     """A :class:`Trainer` for one process of a data-parallel group (see the module notes).
 
@@ -239,7 +285,11 @@ class DistributedTrainer(Trainer):
         if config is not None and not context.is_main and config.progress:
             kwargs["config"] = config.model_copy(update={"progress": False})
         kwargs["count_reducer"] = global_count_reducer(context.world_size)
-        kwargs["callbacks"] = [_BroadcastStart(), *kwargs.get("callbacks", ())]
+        kwargs["callbacks"] = [
+            _BroadcastStart(),
+            _RankRandomness(context.rank),
+            *kwargs.get("callbacks", ()),
+        ]
         super().__init__(*args, **kwargs)
         check_supported(self.strategy, self.config.optimizer.sparse_embeddings)
         self.loss_fn = GlobalLossValues(self.loss_fn)  # type: ignore[assignment]
@@ -293,6 +343,27 @@ class DistributedTrainer(Trainer):
 
 
 # -- launching -------------------------------------------------------------------------------
+def host_store(world_size: int, host: str = "127.0.0.1", timeout: float = 1800.0) -> dist.TCPStore:
+    """A TCPStore server for a local group of ``world_size`` processes, on a port the OS
+    chose when binding it (``store.port``).
+
+    The processes join it as clients when started with ``MASTER_PORT=store.port`` and
+    ``TORCHELASTIC_USE_AGENT_STORE=True`` (then rank 0 does not bind a port of its own). A port
+    chosen first and bound later by rank 0 could be taken in between by another process; this
+    one is never free. Keep the store alive until the processes end.
+    """
+    from datetime import timedelta
+
+    return dist.TCPStore(
+        host,
+        0,
+        world_size=world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=timeout),
+    )
+
+
 def launch(args: Sequence[str], nproc: int, *, poll: float = 0.05, grace: float = 5.0) -> int:
     """Run ``mtlrec <args>`` in ``nproc`` local processes of one group; return the exit code.
 
@@ -300,7 +371,11 @@ def launch(args: Sequence[str], nproc: int, *, poll: float = 0.05, grace: float 
     such a process fails alone. When any process fails, the others are stopped (they would wait
     for it forever in a collective).
     """
-    port = free_port()
+    # the launcher hosts the group's store on a port the OS gives it (bound at once, so no other
+    # process can take it between a choice and a bind), and every process joins it as a client
+    # (torch's agent-store mode, as torchrun does)
+    store = host_store(nproc)
+    port = store.port
     threads = max(1, (os.cpu_count() or 1) // nproc)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
@@ -315,6 +390,7 @@ def launch(args: Sequence[str], nproc: int, *, poll: float = 0.05, grace: float 
                     "LOCAL_WORLD_SIZE": str(nproc),
                     "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port),
+                    "TORCHELASTIC_USE_AGENT_STORE": "True",
                 }
             )
             env.setdefault("OMP_NUM_THREADS", str(threads))

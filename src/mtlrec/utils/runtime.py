@@ -1,5 +1,10 @@
 """Process-level settings for fast CPU training: thread count and the allocator's behaviour.
 
+Nothing here changes the process unless it opted in: the ``mtlrec`` command and the benchmarks
+call :func:`enable_process_tuning` first thing; a library user who imports mtlrec and trains from
+Python gets no allocator changes, no forced garbage collections and pyarrow's default memory
+pool, unless they call it too. Threads are set only where a config asks for a number.
+
 glibc returns large freed blocks (activations of a batch, tens of MB) to the kernel at once and
 maps them again on the next step, paying a page fault per 4 KB page every step. Raising the
 mmap and trim thresholds keeps them in the heap for reuse: on a 2-core machine this alone made
@@ -14,12 +19,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+T = TypeVar("T")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _TUNED_MMAP = 1 << 30
@@ -27,6 +33,28 @@ _GLIBC_MMAP = 128 * 1024  # glibc's initial threshold
 _MIN_MAPPED = 1 << 20
 _done = False
 _loading_depth = 0
+_enabled = False
+
+
+def enable_process_tuning() -> None:
+    """Opt this process in to the process-wide settings: glibc allocator tuning
+    (:func:`tune_allocator`, where a config allows it), :func:`release_memory` between phases,
+    and pyarrow's system memory pool (freed buffers go back to the OS; the default pool kept
+    ~90 MB after reading a 500,000-row file) unless ``ARROW_DEFAULT_MEMORY_POOL`` says
+    otherwise. For command-line tools and benchmarks, not for a library's import."""
+    global _enabled
+    _enabled = True
+    import os
+
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        import pyarrow as pa
+
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
+def process_tuning_enabled() -> bool:
+    """Whether :func:`enable_process_tuning` was called in this process."""
+    return _enabled
 
 
 def _mallopt() -> Any:
@@ -80,10 +108,11 @@ def mmap_large_blocks(threshold: int = 1 << 20) -> Iterator[None]:
 
 
 def configure_runtime(num_threads: int | None = None, allocator: bool = True) -> None:
-    """Set torch's intra-op threads (if given) and tune the allocator (if asked)."""
+    """Set torch's intra-op threads (if given) and tune the allocator (if asked and the
+    process opted in, :func:`enable_process_tuning`)."""
     if num_threads is not None and torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
-    if allocator:
+    if allocator and _enabled:
         tune_allocator()
 
 
@@ -91,8 +120,12 @@ def release_memory() -> None:
     """Give freed heap pages back to the OS (glibc ``malloc_trim``) and pyarrow's pool.
 
     Called between phases (after loading data, after training, before scoring), never in a
-    hot loop: RSS then reflects live data only, and the next phase's buffers are reused.
+    hot loop: RSS then reflects live data only, and the next phase's buffers are reused. A
+    no-op unless the process opted in (:func:`enable_process_tuning`): a full collection costs
+    ~0.2 s in a large process, which a library must not charge its caller per call.
     """
+    if not _enabled:
+        return
     import gc
 
     gc.collect()
@@ -133,10 +166,100 @@ def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a local process group or a
-    service started by a test or benchmark)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Another process may take it before the caller binds it: start a server on it with
+    :func:`start_on_free_port` (which tries another port then), or let the OS choose the port
+    where the socket is bound (the launcher of :mod:`mtlrec.train.distributed` hosts its store
+    on port 0)."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``host:port`` cannot be bound now (a socket in TIME_WAIT does not count)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether a GET of ``url`` answers 200 within ``timeout`` seconds (standard library only,
+    for readiness checks)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return bool(r.status == 200)
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+def start_on_free_port(
+    start: Callable[[int], T],
+    ready: Callable[[T, int], bool],
+    *,
+    exited: Callable[[T], bool] | None = None,
+    host: str = "127.0.0.1",
+    attempts: int = 5,
+    timeout: float = 180.0,
+    poll: float = 0.2,
+) -> tuple[T, int]:
+    """Start a server process on a free port, and again on another one if a different process
+    took the port between its choice and the server's bind.
+
+    Each attempt takes a :func:`free_port`, calls ``start(port)`` and waits until
+    ``ready(handle, port)``. If the server ends first while the port is in use (by somebody
+    else: the server is gone), the port was lost: the next attempt takes another one. A
+    server that ends with its port free failed for another reason, and one that is not ready
+    after ``timeout`` seconds is slow or stuck: both are returned as they are, for the caller's
+    own checks to report (nothing is retried that a retry would not cure).
+
+    Args:
+        start: starts the server on the given port; returns its handle.
+        ready: whether the server answers on the port now (e.g. ``http_ok(url + "/healthz")``).
+        exited: whether the server has ended (default: ``handle.poll() is not None``, for a
+            ``subprocess.Popen``).
+        host: the address the server binds.
+        attempts: ports tried at most.
+        timeout: seconds to wait for one attempt to become ready.
+        poll: seconds between checks.
+
+    Returns:
+        The handle of the last start and its port.
+    """
+    import time
+
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+
+    def ended(handle: T) -> bool:
+        if exited is not None:
+            return exited(handle)
+        return handle.poll() is not None  # type: ignore[attr-defined]
+
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        handle = start(port)
+        deadline = time.monotonic() + timeout
+        while not ready(handle, port):
+            if ended(handle):
+                if attempt < attempts and port_in_use(port, host):
+                    break  # the port was taken before the server bound it: another one
+                return handle, port
+            if time.monotonic() > deadline:
+                return handle, port
+            time.sleep(poll)
+        else:
+            return handle, port
+    raise AssertionError("unreachable: the last attempt always returns")

@@ -7,6 +7,8 @@ than in arithmetic).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -38,24 +40,25 @@ def min_norm_two(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
     return ((g22 - g12) / den).clamp(0.0, 1.0)
 
 
-def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-7) -> Tensor:
-    """Min-norm point of the convex hull of the task gradients: ``argmin_{w in simplex}
-    w^T G w``: the closed form for two tasks; otherwise Frank-Wolfe with exact line search
-    (Sener & Koltun, NeurIPS 2018, Algorithm 2), whose sublinear tail is then polished by
-    projected gradient steps (step ``1 / lambda_max(G)``) on the same ``T x T`` problem."""
+def frank_wolfe_min_norm(
+    gram: np.ndarray, max_iter: int = 250, tol: float = 1e-7, start: np.ndarray | None = None
+) -> np.ndarray:
+    """Frank-Wolfe with exact line search for ``argmin_{w in simplex} w^T G w`` (Sener & Koltun,
+    NeurIPS 2018, Algorithm 2), on a float64 ``[T, T]`` Gram matrix.
+
+    Each iteration moves from ``w`` towards the vertex ``e_s`` with ``s = argmin_t (G w)_t``
+    (the task gradient most opposed to the current combination ``sum_t w_t g_t``), by the
+    exact minimiser ``gamma`` of ``||(1 - gamma) g_w + gamma g_s||^2`` on the segment. Starts
+    at the uniform weights (or ``start``); stops when an iteration changes ``w`` by less than
+    ``tol`` (L1) or after ``max_iter`` iterations.
+    """
     t = gram.shape[0]
-    if t == 1:
-        return torch.ones(1, dtype=gram.dtype, device=gram.device)
-    if t == 2:
-        gamma = min_norm_two(gram[0, 0], gram[0, 1], gram[1, 1])
-        return torch.stack([gamma, 1 - gamma])
-    g = gram.detach().cpu().double().numpy()
-    w = np.full(t, 1.0 / t)
+    w = np.full(t, 1.0 / t) if start is None else np.asarray(start, dtype=np.float64).copy()
     for _ in range(max_iter):
-        gw = g @ w  # [T]
+        gw = gram @ w  # [T]: g_t . g_w
         s = int(np.argmin(gw))
         # line search between a = sum w g and b = g_s: weight of b
-        aa, ab, bb = float(w @ gw), float(gw[s]), float(g[s, s])
+        aa, ab, bb = float(w @ gw), float(gw[s]), float(gram[s, s])
         den = aa + bb - 2 * ab
         gamma = 0.5 if den <= 1e-20 else min(max((aa - ab) / den, 0.0), 1.0)
         new = (1 - gamma) * w
@@ -64,12 +67,160 @@ def min_norm_weights(gram: Tensor, max_iter: int = 250, tol: float = 1e-7) -> Te
         w = new
         if done:
             break
+    return w
+
+
+def min_norm_weights(
+    gram: Tensor, max_iter: int = 250, tol: float = 1e-7, polish: bool = True
+) -> Tensor:
+    """Min-norm point of the convex hull of the task gradients: ``argmin_{w in simplex}
+    w^T G w``: the closed form for two tasks; otherwise Frank-Wolfe with exact line search
+    (:func:`frank_wolfe_min_norm`), whose sublinear tail is then polished (``polish``) by
+    projected gradient steps (step ``1 / lambda_max(G)``) on the same ``T x T`` problem."""
+    t = gram.shape[0]
+    if t == 1:
+        return torch.ones(1, dtype=gram.dtype, device=gram.device)
+    if t == 2:
+        gamma = min_norm_two(gram[0, 0], gram[0, 1], gram[1, 1])
+        return torch.stack([gamma, 1 - gamma])
+    g = gram.detach().cpu().double().numpy()
+    w = frank_wolfe_min_norm(g, max_iter, tol)
     lam = float(np.linalg.eigvalsh(g).max())
-    if lam > 0:
+    if polish and lam > 0:
         for _ in range(4 * max_iter):
             new = project_simplex_np(w - (g @ w) / lam, 1.0)
             done = float(np.abs(new - w).sum()) < tol
             w = new
             if done:
                 break
+        w = _exact_on_support(g, w)
     return torch.from_numpy(w).to(gram.dtype)
+
+
+def _exact_on_support(g: np.ndarray, w: np.ndarray, eps: float = 1e-9) -> np.ndarray:
+    """The exact min-norm point on the face of the simplex that ``w`` lies on, when it meets
+    the optimality conditions: on face S the affine minimiser is ``G_S^{-1} 1 / 1^T G_S^{-1} 1``
+    and it is the minimiser over the simplex iff it is non-negative and no task has
+    ``(G w)_t < w^T G w`` (no vertex is a descent direction). Otherwise ``w`` is returned: the
+    projected-gradient tail converges only linearly when the Gram matrix is ill-conditioned,
+    and this step finishes it exactly once it has found the right face."""
+    s = np.flatnonzero(w > eps)
+    try:
+        x = np.linalg.solve(g[np.ix_(s, s)], np.ones(s.size))
+    except np.linalg.LinAlgError:
+        return w
+    if x.sum() <= 0 or not np.isfinite(x).all():
+        return w
+    exact = np.zeros_like(w)
+    exact[s] = x / x.sum()
+    value = float(exact @ g @ exact)
+    scale = max(value, 1e-12 * float(np.diag(g).max()))
+    if exact.min() < 0 or (g @ exact).min() < value - 1e-9 * scale:
+        return w
+    return exact if value <= float(w @ g @ w) else w
+
+
+#: above this many tasks the CAGrad dual is solved iteratively (2^T faces otherwise)
+EXACT_MAX_TASKS = 8
+
+
+def cagrad_objective(gram: np.ndarray, w: np.ndarray, c: float) -> float:
+    """CAGrad's dual objective ``F(w) = g_w . g0 + c ||g0|| ||g_w||`` from ``G [T, T]``
+    (``g_w = sum_t w_t g_t``, ``g0`` the mean gradient)."""
+    b = gram.mean(axis=1)  # g_t . g0
+    r = c * float(np.sqrt(max(float(b.mean()), 0.0)))  # c ||g0||
+    return float(w @ b) + r * float(np.sqrt(max(float(w @ gram @ w), 0.0)))
+
+
+def cagrad_dual(gram: np.ndarray, c: float, max_iter: int = 5000) -> np.ndarray:
+    """The minimiser over the simplex of CAGrad's dual ``F(w) = w . b + r sqrt(w^T G w)``,
+    ``b = G 1 / T`` (``b_t = g_t . g0``), ``r = c ||g0||`` (Liu et al., NeurIPS 2021, eq. 5),
+    solved exactly for up to :data:`EXACT_MAX_TASKS` tasks.
+
+    ``F`` is convex, so its minimiser is the stationary point of ``F`` restricted to the face
+    of the simplex whose relative interior holds it. On a face ``S`` with ``||g_w|| > 0`` the
+    stationarity ``b_S + r G_S w_S / ||g_w|| = lambda 1`` gives, with ``v = w_S / ||g_w||``,
+    ``v = G_S^{-1} (lambda 1 - b_S) / r`` and ``v^T G_S v = 1``, a quadratic in ``lambda`` whose
+    root with ``sum v > 0`` yields ``w_S = v / sum v``. Every face's feasible stationary point
+    is a candidate, as is every vertex; the minimiser is the candidate of least ``F``. The
+    problem is first scaled by ``max_t ||g_t||^2`` (``F`` scales with it, the minimiser does
+    not) and a ``1e-10`` ridge keeps every face's matrix invertible when gradients are
+    dependent. More tasks: projected gradient with backtracking to a tolerance.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    t = g.shape[0]
+    scale = float(np.max(np.diag(g)))
+    if t == 1 or scale <= 0:
+        return np.full(t, 1.0 / t)
+    g = g / scale + 1e-10 * np.eye(t)
+    b = g.mean(axis=1)
+    r = c * float(np.sqrt(max(float(b.mean()), 0.0)))
+    if r <= 0:  # F is linear: the best vertex
+        w = np.zeros(t)
+        w[int(np.argmin(b))] = 1.0
+        return w
+    if t > EXACT_MAX_TASKS:
+        return _cagrad_dual_iterative(g, b, r, max_iter)
+
+    def f(w: np.ndarray) -> float:
+        return float(w @ b) + r * float(np.sqrt(max(float(w @ g @ w), 0.0)))
+
+    best = np.zeros(t)
+    best[int(np.argmin(b + r * np.sqrt(np.diag(g))))] = 1.0  # the best vertex
+    best_f = f(best)
+    ones = np.ones(t)
+    for size in range(2, t + 1):
+        for face in itertools.combinations(range(t), size):
+            s = list(face)
+            gs, bs = g[np.ix_(s, s)], b[s]
+            try:
+                p = np.linalg.solve(gs, ones[:size])  # G_S^{-1} 1
+                q = np.linalg.solve(gs, bs)  # G_S^{-1} b_S
+            except np.linalg.LinAlgError:
+                continue
+            alpha, beta, gamma = float(p.sum()), float(q.sum()), float(bs @ q)
+            disc = beta * beta - alpha * (gamma - r * r)
+            if alpha <= 0 or disc < 0:
+                continue
+            lam = (beta + np.sqrt(disc)) / alpha
+            v = (lam * p - q) / r
+            total = float(v.sum())
+            if total <= 0:
+                continue
+            ws = v / total
+            if float(ws.min()) < -1e-9:
+                continue  # the stationary point lies outside this face
+            w = np.zeros(t)
+            w[s] = np.maximum(ws, 0.0)
+            w /= w.sum()
+            fw = f(w)
+            if fw < best_f:
+                best, best_f = w, fw
+    return best
+
+
+def _cagrad_dual_iterative(
+    g: np.ndarray, b: np.ndarray, r: float, max_iter: int = 5000, tol: float = 1e-12
+) -> np.ndarray:
+    """Projected gradient with backtracking (Armijo) on the scaled dual, to a tolerance."""
+    t = g.shape[0]
+
+    def f(w: np.ndarray) -> float:
+        return float(w @ b) + r * float(np.sqrt(max(float(w @ g @ w), 1e-300)))
+
+    w = np.full(t, 1.0 / t)
+    fw, step = f(w), 1.0
+    for _ in range(max_iter):
+        n = float(np.sqrt(max(float(w @ g @ w), 1e-300)))
+        grad = b + r * (g @ w) / n
+        while True:
+            new = project_simplex_np(w - step * grad, 1.0)
+            fn = f(new)
+            if fn <= fw - 1e-4 * float(grad @ (w - new)) or step < 1e-16:
+                break
+            step *= 0.5
+        moved = float(np.abs(new - w).sum())
+        w, fw, step = new, fn, step * 2.0
+        if moved < tol:
+            break
+    return w

@@ -50,12 +50,16 @@ class Alternating(Weighting):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def active(self) -> int:
-        """Index of the task trained at this step."""
+        """Index of the task trained at this step: the schedule runs over the tasks present in
+        the step (all of them, unless a masked task has no row in the batch), so a step never
+        trains an absent task, and with a task absent the schedule is the one the remaining
+        tasks would follow without it."""
+        idx = self.present_index().tolist() or list(range(self.num_tasks))
         block = int(self.step) // self.every
         if self.order == "cyclic":
-            return block % self.num_tasks
+            return idx[block % len(idx)]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
-        return int(torch.randint(self.num_tasks, (1,), generator=gen))
+        return idx[int(torch.randint(len(idx), (1,), generator=gen))]
 
     def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
         w = torch.zeros_like(losses)

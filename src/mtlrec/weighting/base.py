@@ -14,12 +14,23 @@ A strategy is an ``nn.Module`` (its learnable weights and running state live in 
   :meth:`Weighting.grad_parameters` chooses which shared parameters (``GradParams`` options).
 * Strategies with ``needs_outputs = True`` see each step's outputs and batch in
   :meth:`Weighting.observe` before backward (e.g. a running AUC).
+* Strategies with ``needs_rescore = True`` get :meth:`Weighting.after_update` after the
+  optimiser step, with a closure that re-scores the step's batch under the updated parameters
+  (no gradient): FAMO's update of its logits in the paper's form.
+
+Absent tasks. A masked task may have no valid row in a batch (conversion masked by click, a
+short last batch): its loss is exactly 0 with zero gradient. :func:`multitask_backward` then
+marks it absent for that step (:meth:`Weighting.begin_step`; :attr:`Weighting.present` is the
+``[T]`` bool mask of the current step) and every strategy treats the step as if the task did not
+exist: weights over the present tasks only (an absent task's weight is 0, and "sums to T"
+becomes "sums to the number of present tasks"), its state carried over unchanged, and nothing
+recorded from the empty batch (no initial loss, no loss history, no logit update).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -62,6 +73,8 @@ class Weighting(nn.Module, ABC):
 
     needs_grads: ClassVar[bool] = False
     needs_outputs: ClassVar[bool] = False
+    #: the train step calls :meth:`after_update` with a re-scoring closure (FAMO's paper form)
+    needs_rescore: bool = False
     grad_target: Literal["parameters", "representation"] = "parameters"
     include_embeddings: bool = False
     #: learning rate of the strategy's own parameters (None: the optimiser's)
@@ -71,10 +84,48 @@ class Weighting(nn.Module, ABC):
     def __init__(self, task_names: Sequence[str]) -> None:
         super().__init__()
         self.task_names = tuple(task_names)
+        # tasks with at least one valid row in the current step (not saved: per step)
+        self.present: Tensor
+        self.register_buffer(
+            "present", torch.ones(len(self.task_names), dtype=torch.bool), persistent=False
+        )
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+    def begin_step(self, present: Tensor | None = None) -> None:
+        """Mark the tasks present in this step (``[T]`` bool; None: all). Called by
+        :func:`~mtlrec.autograd.multitask_backward` before :meth:`weights`; the mask holds until
+        the next step, so :meth:`aggregate`, :meth:`after_update` and :meth:`on_step_end` see
+        the same one."""
+        if present is None:
+            self.present.fill_(True)
+        else:
+            self.present.copy_(present.to(device=self.present.device, dtype=torch.bool))
+
+    def present_index(self) -> Tensor:
+        """Indices of the tasks present in this step, ``[T_p]`` (int64)."""
+        return self.present.nonzero().squeeze(1)
+
+    def accept_legacy_state(
+        self, *, scalars: Sequence[str] = (), added: Sequence[str] = ()
+    ) -> None:
+        """Let checkpoints of earlier versions load: buffers ``scalars`` were then one value for
+        every task (repeated for each task now), buffers ``added`` did not exist (they keep
+        their initial value)."""
+
+        def expand(state_dict: dict, prefix: str, *args: object) -> None:
+            for name in scalars:
+                key = prefix + name
+                old = state_dict.get(key)
+                new = getattr(self, name)
+                if isinstance(old, Tensor) and old.dim() == 0 and new.dim() == 1:
+                    state_dict[key] = old.expand(new.shape).to(new.dtype).clone()
+            for name in added:
+                state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+
+        self._register_load_state_dict_pre_hook(expand)
 
     @abstractmethod
     def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
@@ -115,8 +166,16 @@ class Weighting(nn.Module, ABC):
         """Shared-parameter gradient ``[P]`` from per-task gradients ``[T, P]``."""
         return weights @ jacobian
 
+    def after_update(self, losses: Tensor, rescore: Callable[[], Tensor]) -> None:
+        """Called after the optimiser step, before :meth:`on_step_end`, for strategies with
+        ``needs_rescore``: ``losses [T]`` are the step's (detached) losses and ``rescore()``
+        returns the losses ``[T]`` of the same batch under the updated parameters (one forward
+        pass without gradient, paid only if called)."""
+        del losses, rescore
+
     def on_step_end(self, losses: Tensor) -> None:
-        """Called after every optimiser step with the detached losses ``[T]``."""
+        """Called after every optimiser step with the detached losses ``[T]`` (absent tasks'
+        entries are 0: read :attr:`present` before recording anything)."""
         del losses
 
     def on_epoch_end(self, epoch: int) -> None:
@@ -133,7 +192,9 @@ class SharedUpdateWeighting(Weighting):
 
     Task-specific parameters get their own task's gradient (weight 1 each); the shared
     parameters get ``alpha @ J`` with ``alpha = self.shared_weights(losses, J)``, which the
-    subclass defines. Subclasses call :meth:`init_shared_update` in ``__init__``.
+    subclass defines. ``shared_weights`` sees the present tasks only (the rows of ``J`` and the
+    losses of the tasks with rows this step); absent tasks get ``alpha = 0``. Subclasses call
+    :meth:`init_shared_update` in ``__init__``.
     """
 
     def init_shared_update(self) -> None:
@@ -145,6 +206,10 @@ class SharedUpdateWeighting(Weighting):
         return torch.ones_like(losses)
 
     def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
-        alpha = self.shared_weights(self._losses, jacobian)  # type: ignore[attr-defined]
+        idx = self.present_index()
+        alpha = torch.zeros(self.num_tasks, dtype=torch.float64, device=jacobian.device)
+        if idx.numel() > 0:
+            sub = self.shared_weights(self._losses[idx], jacobian[idx])  # type: ignore[attr-defined]
+            alpha[idx] = sub.to(torch.float64)
         self.last_alpha.copy_(alpha.detach().float())
         return alpha.to(jacobian.dtype) @ jacobian.detach()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from mtlrec.registry import WEIGHTINGS
-from mtlrec.weighting._solvers import project_simplex_np
+from mtlrec.weighting._solvers import EXACT_MAX_TASKS, cagrad_dual
 from mtlrec.weighting.base import GradParams, Weighting
 
 PAPER = (
@@ -21,7 +20,12 @@ PAPER = (
 
 class CAGradParams(GradParams):
     c: float = Field(default=0.4, ge=0, description="radius factor c (paper: 0.4 to 0.5)")
-    iterations: int = Field(default=50, ge=1, description="projected-gradient steps of the dual")
+    iterations: int = Field(
+        default=5000,
+        ge=1,
+        description="iteration cap of the iterative dual solver used above "
+        f"{EXACT_MAX_TASKS} tasks (up to that the dual is solved exactly)",
+    )
     rescale: bool = Field(default=True, description="divide the update by 1 + c^2 (paper)")
 
 
@@ -30,11 +34,17 @@ class CAGrad(Weighting):
     """Conflict-Averse Gradient descent (Liu et al., NeurIPS 2021, Algorithm 1).
 
     With ``g0`` the average gradient and ``phi = c^2 ||g0||^2``, solve the dual
-    ``min_{w in simplex} g_w . g0 + sqrt(phi) ||g_w||`` (``g_w = sum w_t g_t``; projected
-    gradient descent on the ``T x T`` Gram matrix) and update the shared parameters along
+    ``min_{w in simplex} g_w . g0 + sqrt(phi) ||g_w||`` (``g_w = sum w_t g_t``) on the ``T x T``
+    Gram matrix, and update the shared parameters along
     ``d = g0 + sqrt(phi) / ||g_w|| g_w`` (divided by ``1 + c^2`` with ``rescale``). The update is
     multiplied by T so that ``c = 0`` equals the sum of the task gradients (the static step);
     task-specific parameters get their plain task gradients.
+
+    The dual is solved exactly (:func:`~mtlrec.weighting._solvers.cagrad_dual`: every face of
+    the simplex, scale-free), so task gradients of very different sizes (norms 1000x apart) get
+    the exact conflict-averse direction; above 8 tasks an iterative solver runs to a tolerance.
+    Tasks absent from a step (no valid row) are left out: ``g0``, the dual and T are over the
+    present tasks.
     """
 
     needs_grads = True
@@ -53,23 +63,16 @@ class CAGrad(Weighting):
     def dual_weights(self, gram: Tensor) -> Tensor:
         """The simplex weights ``w`` of the dual problem, from ``G [T, T]``."""
         g = gram.detach().cpu().double().numpy()
-        t = g.shape[0]
-        mean_col = g.mean(axis=1)  # G 1/T: g_t . g0
-        sqrt_phi = self.c * float(np.sqrt(max(float(mean_col.mean()), 0.0)))
-        w = np.full(t, 1.0 / t)
-        step = 1.0 / ((1.0 + self.c) * float(np.linalg.norm(g, 2)) + 1e-30)
-        for _ in range(self.iterations):
-            gw_norm = float(np.sqrt(max(float(w @ g @ w), 1e-30)))
-            grad = mean_col + sqrt_phi * (g @ w) / gw_norm
-            w = project_simplex_np(w - step * grad, 1.0)
-        return torch.from_numpy(w).to(gram.dtype)
+        return torch.from_numpy(cagrad_dual(g, self.c, self.iterations)).to(gram.dtype)
 
     def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
-        j = jacobian.detach()
-        gram = (j @ j.T).to(torch.float64)
+        idx = self.present_index()
+        j = jacobian.detach()[idx]  # [T_p, P]
+        t = j.shape[0]
         g0 = j.mean(dim=0)
         if self.c == 0:
-            return self.num_tasks * g0
+            return t * g0
+        gram = (j @ j.T).to(torch.float64)
         w = self.dual_weights(gram)
         gw = (w.to(j.dtype)) @ j
         gw_norm = gw.norm().clamp_min(1e-20)
@@ -77,4 +80,4 @@ class CAGrad(Weighting):
         d = g0 + (sqrt_phi / gw_norm) * gw
         if self.rescale:
             d = d / (1.0 + self.c**2)
-        return self.num_tasks * d
+        return t * d

@@ -30,8 +30,9 @@ class GradNormParams(GradParams):
     layer: str = Field(
         default="last",
         description="the shared weights W the gradient norms are taken on: 'last' (the last "
-        "shared weight matrix of the model in registration order, the paper's choice), 'all' "
-        "(every shared dense parameter), or a parameter-name prefix (e.g. 'experts.')",
+        "shared layer's weight matrix, which every task's loss reaches, as the model declares "
+        "it: MultiTaskModel.last_shared_layer; the paper's choice), 'all' (every shared dense "
+        "parameter), or a parameter-name prefix (e.g. 'experts.')",
     )
 
 
@@ -45,13 +46,21 @@ class GradNorm(Weighting):
 
         ``L_grad = sum_t | G_t - [Gbar r_t^alpha] |``   (eq. 2; the bracket is a constant)
 
-    and are then renormalised to sum to T. ``W`` is, by default, the last shared weight matrix
-    (``layer: last``; ``layer: all`` uses every shared dense parameter, as LibMTL does, and
-    ``grad_target: representation`` the shared features). Weights are ``T softmax(l)`` of a
-    learnable ``l`` (always positive; renormalising after each step keeps ``sum w = T``).
-    ``L_t(0)`` is the first step's loss, recorded once (a buffer: resume keeps it). The weights
-    learn only from ``L_grad`` (the task losses treat them as constants), and ``L_grad`` reaches
-    only the weights (the gradients of W are detached).
+    and are then renormalised to sum to T. ``W`` is, by default, the last shared layer's weight
+    matrix as the model declares it (``layer: last``,
+    :meth:`~mtlrec.models.base.MultiTaskModel.last_shared_layer`: a layer every task's loss
+    reaches, never a bias or a gate); ``layer: all`` uses every shared dense parameter, as
+    LibMTL does, and ``grad_target: representation`` the shared features. Weights are
+    ``T softmax(l)`` of a learnable ``l`` (always positive; renormalising after each step keeps
+    ``sum w = T``). ``L_t(0)`` is the task's loss at the first step in which it has rows,
+    recorded once (a buffer: resume keeps it). The weights learn only from ``L_grad`` (the task
+    losses treat them as constants), and ``L_grad`` reaches only the weights (the gradients of
+    W are detached).
+
+    Absent tasks (no valid row in the batch): the weights are ``T_p softmax`` over the present
+    tasks' logits, ``L_grad`` sums over the present tasks (an absent task's logit gets no
+    gradient) and nothing is recorded for the absent task (its ``L_t(0)`` waits for a batch
+    with rows).
     """
 
     needs_grads = True
@@ -64,11 +73,13 @@ class GradNorm(Weighting):
         self.param_lr = params.lr
         self.layer = params.layer
         self.logits = nn.Parameter(torch.zeros(self.num_tasks))
+        # L_t(0) per task; 0 = not recorded yet (a recorded loss is clamped to >= 1e-12)
         self.register_buffer("initial", torch.zeros(self.num_tasks))
-        self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))  # any recorded
         self._grad_loss: Tensor | None = None
 
     def current(self) -> Tensor:
+        """The weights when every task is present, ``T softmax(l)``."""
         return self.num_tasks * torch.softmax(self.logits, dim=0)
 
     def grad_parameters(self, model: MultiTaskModel) -> list[nn.Parameter]:
@@ -78,10 +89,14 @@ class GradNorm(Weighting):
         if self.layer == "all":
             return [p for n, p in named if self.include_embeddings or id(p) not in emb]
         if self.layer == "last":
-            mats = [p for _, p in named if p.ndim >= 2 and id(p) not in emb]
-            if not mats:
-                raise ConfigError("gradnorm: the model has no shared weight matrix")
-            return [mats[-1]]
+            last = model.last_shared_layer()
+            if last is None or not last.requires_grad:
+                raise ConfigError(
+                    f"gradnorm: model {type(model).__name__} declares no shared layer that every "
+                    "task's loss reaches; use layer: all, a parameter-name prefix, or a "
+                    "loss-based strategy"
+                )
+            return [last]
         chosen = [p for n, p in named if n.startswith(self.layer)]
         if not chosen:
             raise ConfigError(
@@ -93,18 +108,25 @@ class GradNorm(Weighting):
     def weights(self, losses: Tensor, jacobian: Tensor | None = None) -> Tensor:
         if jacobian is None:
             raise ValueError("gradnorm needs the per-task gradients")
-        if not bool(self.has_initial):
-            with torch.no_grad():
-                self.initial.copy_(losses.detach().clamp_min(1e-12))
+        on = self.present
+        with torch.no_grad():
+            first = on & (self.initial <= 0)
+            if bool(first.any()):
+                self.initial.copy_(
+                    torch.where(first, losses.detach().float().clamp_min(1e-12), self.initial)
+                )
                 self.has_initial.fill_(True)
-        w = self.current()
-        norms = jacobian.detach().norm(dim=1)  # [T] ||grad_W L_t||
-        g = w * norms  # G_t, differentiable in w only
-        ratio = losses.detach() / self.initial
+        idx = self.present_index()
+        w = idx.numel() * torch.softmax(self.logits[idx], dim=0)  # [T_p]
+        norms = jacobian.detach()[idx].norm(dim=1)  # [T_p] ||grad_W L_t||
+        g = w * norms.to(w.dtype)  # G_t, differentiable in w only
+        ratio = losses.detach()[idx].to(w.dtype) / self.initial[idx]
         rate = ratio / ratio.mean().clamp_min(1e-12)
         target = (g.mean() * rate.pow(self.alpha)).detach()
         self._grad_loss = (g - target).abs().sum()
-        return w.detach().to(losses.dtype)
+        out = torch.zeros_like(losses)
+        out[idx] = w.detach().to(losses.dtype)
+        return out
 
     def regularizer(self, losses: Tensor) -> Tensor | None:
         gl, self._grad_loss = self._grad_loss, None
@@ -115,7 +137,9 @@ class GradNorm(Weighting):
     @torch.no_grad()
     def on_step_end(self, losses: Tensor) -> None:
         # renormalise so that sum w = T exactly (softmax already does; recentre the logits so
-        # that they cannot drift)
-        self.logits.sub_(self.logits.mean())
+        # that they cannot drift): the present tasks' logits, an absent task's stays as it was
+        idx = self.present_index()
+        if idx.numel() > 0:
+            self.logits[idx] -= self.logits[idx].mean()
         if not bool(torch.isfinite(self.logits).all()):
             self.logits.zero_()

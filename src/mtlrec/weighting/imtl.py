@@ -38,7 +38,7 @@ class IMTL(SharedUpdateWeighting):
 
     def shared_weights(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """The weights ``alpha [T]`` of the task gradients in the shared update."""
-        t = self.num_tasks
+        t = jacobian.shape[0]  # the tasks present in the step
         if t == 1:
             return torch.ones_like(losses)
         j = jacobian.detach()

@@ -58,12 +58,15 @@ class PCGrad(Weighting):
     def aggregate(self, jacobian: Tensor, weights: Tensor) -> Tensor:
         j = jacobian.detach()
         sq = (j * j).sum(dim=1).clamp_min(1e-20)  # [T]
+        on = self.present.tolist()  # absent tasks (zero gradients) are skipped
         total = torch.zeros_like(j[0])
         for i, order in enumerate(self.orders()):
-            g = j[i].clone()
+            if not on[i]:
+                continue
+            g = j[i].clone()  # g_i^PC, projected in turn against each other task's g_k
             for k in order:
                 dot = g @ j[k]
-                if float(dot) < 0:
+                if on[k] and float(dot) < 0:
                     g -= (dot / sq[k]) * j[k]
             total += weights[i].detach() * g
         return total

@@ -41,7 +41,8 @@ class PELTR(SharedUpdateWeighting):
     least-squares step of the paper, here an exact Euclidean projection), so ``w = c + v`` meets
     every bound. Weights sum to 1, as in the paper. The Pareto condition concerns the shared
     parameters: their update is ``w @ J``, and task-specific parameters get their own task's
-    gradient (a task with weight 0 still trains its tower).
+    gradient (a task with weight 0 still trains its tower). A task absent from a step (no valid
+    row) is left out of the problem, with its bound: the others' bounds still hold.
     """
 
     needs_grads = True
@@ -61,10 +62,10 @@ class PELTR(SharedUpdateWeighting):
 
     def shared_weights(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """The weights ``alpha [T]`` of the task gradients in the shared update."""
-        j = jacobian.detach()
+        j = jacobian.detach()  # the present tasks' rows
         gram = (j @ j.T).to(torch.float64)
-        t = self.num_tasks
-        c = self.bounds
+        t = j.shape[0]
+        c = self.bounds[self.present] if t < self.num_tasks else self.bounds
         free = 1.0 - float(c.sum())
         kkt = torch.zeros(t + 1, t + 1, dtype=torch.float64)
         kkt[:t, :t] = gram

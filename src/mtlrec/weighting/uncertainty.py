@@ -47,7 +47,8 @@ class Uncertainty(Weighting):
     ``log 2 L_t`` (classification form). The log-variances are ``nn.Parameter``s of this module;
     the trainer gives them to the optimiser (the ``balancing`` group, no weight decay). The total
     may be negative (whenever ``s_t < 0``, i.e. small losses); it is not clipped, since clipping
-    ``s_t`` at 0 changes the method.
+    ``s_t`` at 0 changes the method. A task absent from a step (no valid row) contributes
+    nothing: no ``s_t / 2`` term, no gradient to ``s_t``.
     """
 
     paper = PAPER
@@ -72,7 +73,10 @@ class Uncertainty(Weighting):
         return (self.factor * torch.exp(-self.log_var)).detach().to(losses.dtype)
 
     def regularizer(self, losses: Tensor) -> Tensor:
-        # the weighted-loss term's gradient w.r.t. s (its value is already in sum w L) plus s/2
+        # the weighted-loss term's gradient w.r.t. s (its value is already in sum w L) plus s/2,
+        # over the present tasks only: an absent task's s_t gets no gradient (its loss, 0, says
+        # nothing about its variance)
+        on = self.present.to(self.log_var.dtype)
         prec = self.factor * torch.exp(-self.log_var)
-        grad_only = ((prec - prec.detach()) * losses.detach()).sum()
-        return grad_only + 0.5 * self.log_var.sum()
+        grad_only = ((prec - prec.detach()) * losses.detach() * on).sum()
+        return grad_only + 0.5 * (self.log_var * on).sum()

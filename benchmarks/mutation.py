@@ -1,0 +1,492 @@
+"""Mutation testing of the numerical core (issue 17), scoped to fit a 2-core machine.
+
+A mutant is a copy of the code with one small change (``>`` for ``>=``, ``0.0`` for ``1.0``, an
+argument dropped...); a test suite that catches bugs makes some test fail on it ("killed"). The
+score of a module is the share of its mutants killed, after the mutants listed as equivalent
+(no test could tell them apart from the original: see ``benchmarks/mutation_equivalent.toml``,
+each with its reason) are left out.
+
+The tool is mutmut 3 (``pip install -e '.[dev]'``), configured under ``[tool.mutmut]`` in
+pyproject.toml. This script runs it on one module at a time, in a scratch copy of the repository
+(the checkout is never touched and no ``mutants/`` folder appears in it):
+
+* only the module's files are mutated (``only_mutate``);
+* only the test files that cover the module run (the map ``MODULES`` below, plus
+  ``tests/unit/test_mutation_<module>.py``, written to kill survivors), and of those, for
+  each mutant, only the tests that call the mutated function (mutmut's own coverage-based
+  selection, recorded in one traced run of those tests);
+* ``--max-children`` workers (default 2) under ``nice``.
+
+Usage::
+
+    python benchmarks/mutation.py losses data/split        # modules by name
+    python benchmarks/mutation.py --changed origin/main     # the modules a diff touched
+    python benchmarks/mutation.py --list                    # the modules and their tests
+    python benchmarks/mutation.py metrics --json out.json --fail-under 90
+
+It prints, per module, the counts, the score and the time, then every surviving mutant with its
+file, line and diff. Exit status 1 if a module scores below ``--fail-under``, 2 if a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EQUIVALENTS = ROOT / "benchmarks" / "mutation_equivalent.toml"
+# copied into the scratch workspace (tests read examples/ and docs/ by relative paths)
+COPIED = ("src", "tests", "pyproject.toml", "README.md", "examples", "docs")
+
+
+@dataclass(frozen=True)
+class Module:
+    """What to mutate and which test files cover it (paths relative to the repository)."""
+
+    files: tuple[str, ...]
+    tests: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+
+
+U = "tests/unit/"
+P = "tests/properties/"
+MODULES: dict[str, Module] = {
+    "losses": Module(
+        ("src/mtlrec/losses.py",),
+        (
+            U + "test_losses.py",
+            U + "test_numerics_losses.py",
+            U + "test_numerics_esmm.py",
+            U + "test_weighting_absent.py",
+        ),
+    ),
+    "metrics": Module(
+        ("src/mtlrec/metrics/*.py",),
+        (U + "test_metrics.py", U + "test_numerics_metrics.py"),
+    ),
+    "nn": Module(
+        ("src/mtlrec/nn/*.py",),
+        (
+            U + "test_nn.py",
+            U + "test_gate_wiring.py",
+            U + "test_models_arch.py",
+            U + "test_models_gated.py",
+            U + "test_wide.py",
+            U + "test_models_snr.py",
+            U + "test_vocab_growth.py",
+            P + "test_models.py",
+        ),
+        # the TorchRec backend needs torchrec, which the test machines do not have
+        exclude=("src/mtlrec/nn/torchrec_embedding.py",),
+    ),
+    "models": Module(
+        ("src/mtlrec/models/*.py",),
+        (
+            U + "test_models_arch.py",
+            U + "test_models_gated.py",
+            U + "test_gate_wiring.py",
+            U + "test_numerics_esmm.py",
+            U + "test_models_funnel.py",
+            U + "test_models_snr.py",
+            U + "test_losses.py",
+            P + "test_models.py",
+        ),
+    ),
+    "weighting": Module(
+        ("src/mtlrec/weighting/*.py",),
+        (
+            U + "test_weighting.py",
+            U + "test_weighting_absent.py",
+            U + "test_weighting_famo.py",
+            U + "test_weighting_gradients.py",
+            U + "test_weighting_solvers.py",
+            P + "test_weightings.py",
+            P + "test_weighting_layers.py",
+        ),
+    ),
+    "autograd": Module(
+        ("src/mtlrec/autograd.py",),
+        (U + "test_weighting.py", U + "test_weighting_gradients.py"),
+    ),
+    "data/split": Module(
+        ("src/mtlrec/data/split.py",),
+        (U + "test_split.py", U + "test_group_split.py"),
+    ),
+    "data/encoders": Module(
+        ("src/mtlrec/data/encoders.py",),
+        (U + "test_encoders.py", U + "test_preprocess.py", P + "test_lookup.py"),
+    ),
+    "fusion": Module(
+        (
+            "src/mtlrec/fusion/formulas.py",
+            "src/mtlrec/fusion/rank.py",
+            "src/mtlrec/fusion/calibration.py",
+        ),
+        (U + "test_fusion.py", U + "test_numerics_fusion.py"),
+    ),
+}
+KILLED = {"killed", "timeout", "caught by type check"}
+
+
+@dataclass
+class Survivor:
+    name: str
+    status: str
+    file: str
+    function: str
+    line: int | None
+    diff: list[str]
+    equivalent: str | None = None  # the reason, when listed as equivalent
+    entry: int | None = None  # its index in the equivalents file
+
+
+@dataclass
+class ModuleResult:
+    module: str
+    files: list[str]
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+    survivors: list[Survivor] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def equivalent(self) -> int:
+        return sum(s.equivalent is not None for s in self.survivors)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def killed(self) -> int:
+        return sum(n for status, n in self.counts.items() if status in KILLED)
+
+    @property
+    def score(self) -> float | None:
+        """Killed / (all - equivalent), in percent; mutants no test reaches count as alive."""
+        scored = self.total - self.equivalent - self.counts.get("not checked", 0)
+        return 100.0 * self.killed / scored if scored > 0 else None
+
+
+def module_files(module: Module, only: set[str] | None = None) -> list[str]:
+    """The module's Python files that exist (restricted to ``only`` when given)."""
+    out = []
+    for pattern in module.files:
+        for p in sorted(ROOT.glob(pattern)):
+            rel = p.relative_to(ROOT).as_posix()
+            if rel in module.exclude:
+                continue
+            if only is None or rel in only:
+                out.append(rel)
+    return out
+
+
+def changed_modules(base: str) -> dict[str, list[str]]:
+    """Modules with files changed between ``base`` and the working tree (new files included),
+    with those files."""
+    changed: set[str] = set()
+    untracked = ["ls-files", "--others", "--exclude-standard"]
+    for cmd in (["diff", "--name-only", base, "--"], untracked):
+        res = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True)
+        changed |= set(res.stdout.split())
+    out = {}
+    for name, module in MODULES.items():
+        files = module_files(module, changed)
+        if files:
+            out[name] = files
+    return out
+
+
+def load_equivalents(path: Path) -> list[dict[str, str]]:
+    """The equivalent mutants: each a file, the original and mutated line (stripped), why, and
+    optionally the function (where the same change is equivalent in one function only)."""
+    if not path.is_file():
+        return []
+    entries = tomllib.loads(path.read_text()).get("equivalent", [])
+    for e in entries:
+        missing = {"file", "before", "after", "reason"} - set(e)
+        if missing:
+            raise SystemExit(f"{path}: an [[equivalent]] entry lacks {sorted(missing)}: {e}")
+    return entries
+
+
+def _workspace(base: Path, module: str, files: list[str], tests: list[str]) -> Path:
+    """A scratch copy of the repository with ``[tool.mutmut]`` scoped to the module."""
+    ws = base / re.sub(r"[^A-Za-z0-9]+", "-", module)
+    if ws.exists():
+        shutil.rmtree(ws)
+    ws.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, ws / name, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, ws / name)
+    text = (ROOT / "pyproject.toml").read_text()
+    cfg = tomllib.loads(text).get("tool", {}).get("mutmut", {})
+    cfg["only_mutate"] = files
+    cfg["pytest_add_cli_args_test_selection"] = tests
+    start = text.find("[tool.mutmut]")
+    if start >= 0:  # drop the repository's section, write the scoped one
+        nxt = re.search(r"^\[(?!tool\.mutmut\])", text[start + 1 :], flags=re.M)
+        end = start + 1 + nxt.start() if nxt else len(text)
+        text = text[:start] + text[end:]
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in cfg.items()]
+    (ws / "pyproject.toml").write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
+    return ws
+
+
+def _mutmut(ws: Path, *args: str, log: Path | None = None) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "mutmut"
+    cmd = [str(exe) if exe.is_file() else "mutmut", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    if log is None:
+        return subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ws, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(errors="replace"), "")
+
+
+def _function_span(source: list[str], func: str) -> tuple[int, int]:
+    """1-based first and last line of function ``func`` (``name`` or ``Class.name``)."""
+    import ast
+
+    tree = ast.parse("\n".join(source))
+    parts = func.split(".")
+    nodes: list[Any] = [tree]
+    for part in parts:
+        found = None
+        for node in nodes[-1].body:
+            if (
+                isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+                and node.name == part
+            ):
+                found = node
+        if found is None:
+            return 1, len(source)
+        nodes.append(found)
+    node = nodes[-1]
+    first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+    return first, node.end_lineno or len(source)
+
+
+def _function_of(name: str) -> str:
+    """``name`` or ``Class.name`` of a mutmut mutant name (``pkg.mod.x_f__mutmut_3``,
+    ``pkg.mod.xǁClassǁmethod__mutmut_3``)."""
+    mangled = name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1]
+    if mangled.startswith("x_"):
+        return mangled[2:]
+    return mangled.removeprefix("x").replace("ǁ", ".").strip(".")
+
+
+def _locate(ws: Path, name: str, diff: list[str]) -> tuple[str, int | None]:
+    """File and 1-based line of a mutant from its name and diff (mutmut's diffs count lines
+    from the function's start)."""
+    path = next((ln[4:].strip() for ln in diff if ln.startswith("--- ")), "")
+    func = _function_of(name)
+    removed = next(
+        (ln[1:].strip() for ln in diff if ln.startswith("-") and not ln.startswith("---")), None
+    )
+    src_path = ws / path
+    if not path or not src_path.is_file() or removed is None:
+        return path, None
+    source = src_path.read_text().splitlines()
+    first, last = _function_span(source, func)
+    hunk = next((ln for ln in diff if ln.startswith("@@")), "")
+    m = re.match(r"@@ -(\d+)", hunk)
+    rel = 0
+    if m:  # the hunk starts at function line m; the change is after its context lines
+        body = [ln for ln in diff[diff.index(hunk) + 1 :]]
+        ctx = next((i for i, ln in enumerate(body) if ln.startswith("-")), 0)
+        rel = int(m.group(1)) - 1 + ctx
+    guess = first + rel
+    matches = [i + 1 for i in range(first - 1, last) if source[i].strip() == removed]
+    if not matches:
+        return path, guess
+    return path, min(matches, key=lambda i: abs(i - guess))
+
+
+def _changed_lines(diff: list[str]) -> tuple[str, str]:
+    before = [ln[1:].strip() for ln in diff if ln.startswith("-") and not ln.startswith("---")]
+    after = [ln[1:].strip() for ln in diff if ln.startswith("+") and not ln.startswith("+++")]
+    return "\n".join(before), "\n".join(after)
+
+
+def _equivalent(s: Survivor, equivalents: list[dict[str, str]]) -> int | None:
+    """Index of the equivalents entry that lists the mutant, if any."""
+    before, after = _changed_lines(s.diff)
+    for i, e in enumerate(equivalents):
+        if e.get("function", s.function) != s.function:
+            continue
+        if e["file"] == s.file and e["before"].strip() == before and e["after"].strip() == after:
+            return i
+    return None
+
+
+def run_module(
+    module: str,
+    files: list[str],
+    *,
+    base: Path,
+    max_children: int,
+    equivalents: list[dict[str, str]],
+) -> ModuleResult:
+    own = U + f"test_mutation_{module.replace('/', '_')}.py"  # the tests written for survivors
+    tests = [t for t in (*MODULES[module].tests, own) if (ROOT / t).is_file()]
+    ws = _workspace(base, module, files, tests)
+    t0 = time.monotonic()
+    run = _mutmut(ws, "run", "--max-children", str(max_children), log=ws / "mutmut-run.log")
+    seconds = time.monotonic() - t0
+    if run.returncode != 0:
+        result = ModuleResult(module, files, seconds)
+        tail = "\n".join(run.stdout.replace("\r", "\n").splitlines()[-15:])
+        result.error = f"mutmut run exited {run.returncode} (log: {ws / 'mutmut-run.log'}):\n{tail}"
+        return result
+    return collect(ws, module, files, seconds, equivalents)
+
+
+def collect(
+    ws: Path, module: str, files: list[str], seconds: float, equivalents: list[dict[str, str]]
+) -> ModuleResult:
+    """The results of a finished ``mutmut run`` in workspace ``ws``."""
+    result = ModuleResult(module, files, seconds)
+    listing = _mutmut(ws, "results", "--all", "true")
+    statuses: dict[str, str] = {}
+    for line in listing.stdout.splitlines():
+        name, sep, status = line.strip().rpartition(": ")
+        if sep:
+            statuses[name] = status
+    for status in statuses.values():
+        result.counts[status] = result.counts.get(status, 0) + 1
+    for name, status in sorted(statuses.items()):
+        if status in KILLED:
+            continue
+        shown = _mutmut(ws, "show", name).stdout.splitlines()
+        diff = [ln for ln in shown if not ln.startswith("# ")]
+        path, line = _locate(ws, name, diff)
+        s = Survivor(name, status, path, _function_of(name), line, diff)
+        s.entry = _equivalent(s, equivalents)
+        s.equivalent = None if s.entry is None else equivalents[s.entry]["reason"]
+        result.survivors.append(s)
+    return result
+
+
+def stale_equivalents(res: ModuleResult, equivalents: list[dict[str, str]]) -> list[str]:
+    """Entries for the module's files that matched no surviving mutant of this run (the line
+    changed, or a test now kills the mutant): to update or remove."""
+    used = {s.entry for s in res.survivors}
+    return [
+        f"{e['file']}: {e['before'].strip()!r} -> {e['after'].strip()!r}"
+        for i, e in enumerate(equivalents)
+        if e["file"] in res.files and i not in used
+    ]
+
+
+def report(res: ModuleResult) -> str:
+    out = [f"== {res.module} ({', '.join(res.files)}): {res.seconds:.0f} s"]
+    if res.error:
+        return "\n".join([*out, res.error])
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(res.counts.items()))
+    score = "n/a" if res.score is None else f"{res.score:.1f}%"
+    out.append(
+        f"   {res.total} mutants: {counts}; {res.equivalent} listed as equivalent; "
+        f"score {score} (killed {res.killed} of {res.total - res.equivalent})"
+    )
+    alive = [s for s in res.survivors if s.equivalent is None]
+    if alive:
+        out.append(f"   surviving mutants ({len(alive)}):")
+    for s in alive:
+        out.append(f"   {s.file}:{s.line}  {s.status}  {s.name}")
+        out.extend(
+            "       " + ln
+            for ln in s.diff
+            if ln.startswith(("-", "+")) and not ln.startswith(("---", "+++"))
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("modules", nargs="*", help=f"modules: {', '.join(MODULES)}")
+    ap.add_argument("--changed", metavar="BASE", help="the modules `git diff BASE` touched")
+    ap.add_argument("--list", action="store_true", help="print the modules and their tests")
+    ap.add_argument("--max-children", type=int, default=2, help="parallel test workers")
+    ap.add_argument("--nice", type=int, default=10, help="niceness of the run (0: none)")
+    ap.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--equivalents", type=Path, default=EQUIVALENTS)
+    ap.add_argument("--json", type=Path, help="write the results as JSON")
+    ap.add_argument("--fail-under", type=float, help="exit 1 if a module scores below this")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for name, m in MODULES.items():
+            print(f"{name}: {', '.join(module_files(m))}\n    tests: {', '.join(m.tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        ap.error(f"unknown modules {unknown}; choose from {list(MODULES)}")
+    todo = {m: module_files(MODULES[m]) for m in args.modules}
+    if args.changed:
+        for m, files in changed_modules(args.changed).items():
+            todo.setdefault(m, files)
+        if not todo:
+            print(f"no file of the mutated modules changed since {args.changed}")
+            return 0
+    if not todo:
+        ap.error("name modules, or pass --changed BASE or --list")
+    if args.nice:
+        os.nice(args.nice)
+    equivalents = load_equivalents(args.equivalents)
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="mtlrec-mutation-"))
+    results = []
+    try:
+        for module, files in todo.items():
+            res = run_module(
+                module, files, base=base, max_children=args.max_children, equivalents=equivalents
+            )
+            print(report(res), flush=True)
+            if not res.error and (stale := stale_equivalents(res, equivalents)):
+                print(f"   equivalent entries that matched nothing ({args.equivalents.name}):")
+                print("\n".join("   " + line for line in stale), flush=True)
+            results.append(res)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print("\nmodule            mutants  equivalent  killed  score    seconds")
+    for r in results:
+        score = "error" if r.error else ("n/a" if r.score is None else f"{r.score:.1f}%")
+        print(
+            f"{r.module:<17} {r.total:>7}  {r.equivalent:>10}  {r.killed:>6}  {score:>6}  "
+            f"{r.seconds:>8.0f}"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [{**asdict(r), "score": r.score, "equivalent": r.equivalent} for r in results],
+                indent=2,
+            )
+        )
+    if any(r.error for r in results):
+        return 2
+    if args.fail_under is not None and any(
+        r.score is not None and r.score < args.fail_under for r in results
+    ):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
