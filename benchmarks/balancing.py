@@ -32,6 +32,7 @@ import platform
 import time
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import numpy as np
 import torch
 
@@ -45,7 +46,6 @@ from mtlrec.models.build import build_model
 from mtlrec.registry import WEIGHTINGS
 from mtlrec.schema import Schema
 from mtlrec.train.trainer import Trainer
-from mtlrec.utils.runtime import enable_process_tuning
 from mtlrec.weighting import build_weighting
 
 # strategy options used here (anything not named: the strategy's defaults)
@@ -173,7 +173,6 @@ def main() -> None:
     ap.add_argument("--cost-steps", type=int, default=5, help="steps per round and strategy")
     ap.add_argument("--md", default=None, help="also write the tables to this markdown file")
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     strategies = args.strategies.split(",")
     if "static" in strategies:
         strategies.remove("static")

@@ -17,10 +17,10 @@ import json
 import platform
 import time
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import torch
 
 from mtlrec.demo import run_demo
-from mtlrec.utils.runtime import enable_process_tuning
 
 
 def main() -> None:
@@ -29,7 +29,6 @@ def main() -> None:
     ap.add_argument("--models", default="single_task,shared_bottom,omoe,mmoe")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     t0 = time.perf_counter()
     res = run_demo(seeds=args.seeds, progress=False, models=tuple(args.models.split(",")))
     print(

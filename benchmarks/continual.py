@@ -23,7 +23,7 @@ training rows), early stopping after one epoch without improvement.
 
 Usage::
 
-    python benchmarks/continual.py --days 7 --rows-per-day 60000 --out /tmp/continual \\
+    python benchmarks/continual.py --days 7 --rows-per-day 100000 --seeds 0 1 2 \\
         --json results.json
 """
 
@@ -39,6 +39,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,7 +51,6 @@ from mtlrec.data.file_encoding import encode_file
 from mtlrec.data.synthetic.daily import daily_ctr_schema, make_daily_ctr
 from mtlrec.errors import DataWarning
 from mtlrec.train.run import load_run, train_run
-from mtlrec.utils.runtime import enable_process_tuning
 
 TASKS = ("click", "conversion")
 SCHEMES = ("a", "b", "c")
@@ -108,12 +108,11 @@ def run_one(cfg: ExperimentConfig) -> tuple[Path, float]:
     return res.path, time.perf_counter() - t0
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The result as Markdown tables: next-day AUC and wall time per day, OOV rates."""
-    rows = result["days"]
+def _seed_tables(res: dict[str, Any]) -> list[str]:
+    rows = res["days"]
     out = [
-        "| day | (a) warm click | (b) all days click | (c) one day click | (a) warm conv | "
-        "(b) all days conv | (c) one day conv | (a) s | (b) s | (c) s | epochs a/b/c |",
+        "| day → eval | (a) click | (b) click | (c) click | (a) conv | (b) conv | (c) conv | "
+        "(a) s | (b) s | (c) s | epochs a/b/c |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -121,17 +120,18 @@ def markdown(result: dict[str, Any]) -> str:
         secs = [f"{r[s]['seconds']:.1f}" for s in SCHEMES]
         ep = "/".join(str(r[s]["epochs"]) for s in SCHEMES)
         out.append(f"| {r['day']} → {r['day'] + 1} | " + " | ".join([*auc, *secs, ep]) + " |")
-    mean = {(s, t): float(np.mean([r[s]["auc"][t] for r in rows])) for s in SCHEMES for t in TASKS}
+    mean = {(s, t): np.mean([r[s]["auc"][t] for r in rows]) for s in SCHEMES for t in TASKS}
     out.append(
         "| mean | " + " | ".join(f"{mean[s, t]:.4f}" for t in TASKS for s in SCHEMES) + " | | | | |"
     )
     feats = list(rows[0]["a"]["oov"])
     out += [
         "",
-        "OOV rate of day d+1 under each run's vocabularies ((a) = (b): both saw days 1..d):",
+        "OOV rate of the evaluated day under the run's vocabularies ((a) and (b) both saw days "
+        "1..d; (c) day d only):",
         "",
-        "| day | "
-        + " | ".join(f"{f} (a)" for f in feats)
+        "| eval day | "
+        + " | ".join(f"{f} (a, b)" for f in feats)
         + " | "
         + " | ".join(f"{f} (c)" for f in feats)
         + " |",
@@ -140,21 +140,80 @@ def markdown(result: dict[str, Any]) -> str:
     for r in rows:
         vals = [f"{r[s]['oov'][f]:.2%}" for s in ("a", "c") for f in feats]
         out.append(f"| {r['day'] + 1} | " + " | ".join(vals) + " |")
-    gap = result["mean_auc_gap_a_minus_b"]
+    g = res["mean_auc_gap_a_minus_b"]
     out += [
         "",
-        f"Mean next-day AUC of (a) minus (b): click {gap['click']:+.4f}, conversion "
-        f"{gap['conversion']:+.4f} (bar: >= -0.002). Last day, (a)'s time / (b)'s: "
-        f"{result['last_day_time_ratio_a_over_b']:.2f} (bar: <= 0.33). Bar met: "
-        f"{'yes' if result['bar_met'] else 'no'}. Total {result['total_seconds']:.0f} s.",
+        f"Seed {res['seed']}: mean next-day AUC (a) − (b): click {g['click']:+.4f}, conversion "
+        f"{g['conversion']:+.4f}; last day (a)/(b) time {res['last_day_time_ratio_a_over_b']:.2f}"
+        f"; {res['total_seconds']:.0f} s.",
     ]
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The result as Markdown: per seed, next-day AUC and wall time per day and OOV rates;
+    then the bar over the seeds."""
+    out: list[str] = []
+    for res in result["seeds"]:
+        out += [f"Seed {res['seed']}:", "", *_seed_tables(res), ""]
+    gap = result["mean_auc_gap_a_minus_b"]
+    out.append(
+        f"Over {len(result['seeds'])} seed(s): mean next-day AUC (a) − (b) click "
+        f"{gap['click']:+.4f}, conversion {gap['conversion']:+.4f} (bar: ≥ −0.002); last day "
+        f"(a)/(b) time, worst seed {result['last_day_time_ratio_a_over_b']:.2f} (bar: ≤ 0.33). "
+        f"Bar met: {'yes' if result['bar_met'] else 'no'}. Total {result['total_seconds']:.0f} s."
+    )
     return "\n".join(out)
+
+
+def run_seed(args: argparse.Namespace, seed: int, folder: Path) -> dict[str, Any]:
+    """Day 1, then (a), (b), (c) for every later day, on the log of ``seed``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write_days(folder, args.days + 1, args.rows_per_day, seed)
+    runs = folder / "runs"
+    prev, t_first = run_one(config(args, folder / "day1.parquet", runs / "day1", None))
+    rows: list[dict[str, Any]] = []
+    for d in range(2, args.days + 1):
+        day, nxt = folder / f"day{d}.parquet", folder / f"day{d + 1}.parquet"
+        cfgs = {
+            "a": config(args, day, runs / f"a{d}", prev),
+            "b": config(args, folder / f"upto{d}.parquet", runs / f"b{d}", None),
+            "c": config(args, day, runs / f"c{d}", None),
+        }
+        row: dict[str, Any] = {"day": d}
+        for s, cfg in cfgs.items():
+            path, secs = run_one(cfg)
+            auc, oov = evaluate(path, nxt)
+            epochs = json.loads((path / "summary.json").read_text())["epochs_run"]
+            row[s] = {"auc": auc, "seconds": secs, "oov": oov, "epochs": epochs}
+            if s == "a":
+                prev = path
+        rows.append(row)
+        print(
+            f"seed {seed} day {d}: "
+            + "  ".join(
+                f"({s}) click {row[s]['auc']['click']:.4f} conv {row[s]['auc']['conversion']:.4f}"
+                f" {row[s]['seconds']:.1f}s"
+                for s in SCHEMES
+            ),
+            flush=True,
+        )
+    gap = {t: float(np.mean([r["a"]["auc"][t] - r["b"]["auc"][t] for r in rows])) for t in TASKS}
+    return {
+        "seed": seed,
+        "day1_seconds": t_first,
+        "days": rows,
+        "mean_auc_gap_a_minus_b": gap,
+        "last_day_time_ratio_a_over_b": rows[-1]["a"]["seconds"] / rows[-1]["b"]["seconds"],
+        "total_seconds": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--days", type=int, default=7, help="days trained (one more is evaluated)")
-    p.add_argument("--rows-per-day", type=int, default=60_000)
+    p.add_argument("--rows-per-day", type=int, default=100_000)
     p.add_argument("--epochs", type=int, default=3, help="most epochs of a run from scratch")
     p.add_argument("--epochs-warm", type=int, default=3, help="most epochs of a warm run")
     p.add_argument("--batch-size", type=int, default=512)
@@ -169,66 +228,34 @@ def main() -> None:
     p.add_argument("--monitor", default="mean/auc", help="what selects a run's best epoch")
     p.add_argument("--dim", type=int, default=8, help="embedding width")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one log per seed")
     p.add_argument("--out", type=Path, default=Path("continual-bench"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None, help="write the tables here")
     args = p.parse_args()
     if args.lr_warm is None:
         args.lr_warm = args.lr
-    enable_process_tuning()
     warnings.simplefilter("ignore", DataWarning)  # the empty test split of every run
-    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_days(args.out, args.days + 1, args.rows_per_day, args.seed)
-    runs = args.out / "runs"
-    first, t_first = run_one(config(args, args.out / "day1.parquet", runs / "day1", None))
-    prev = first
-    rows: list[dict[str, Any]] = []
-    for d in range(2, args.days + 1):
-        day, nxt = args.out / f"day{d}.parquet", args.out / f"day{d + 1}.parquet"
-        paths = {
-            "a": config(args, day, runs / f"a{d}", prev),
-            "b": config(args, args.out / f"upto{d}.parquet", runs / f"b{d}", None),
-            "c": config(args, day, runs / f"c{d}", None),
-        }
-        row: dict[str, Any] = {"day": d}
-        for s, cfg in paths.items():
-            path, secs = run_one(cfg)
-            auc, oov = evaluate(path, nxt)
-            epochs = json.loads((path / "summary.json").read_text())["epochs_run"]
-            row[s] = {"auc": auc, "seconds": secs, "oov": oov, "epochs": epochs}
-            if s == "a":
-                prev = path
-        rows.append(row)
-        print(
-            f"day {d}: "
-            + "  ".join(
-                f"({s}) click {row[s]['auc']['click']:.4f} conv {row[s]['auc']['conversion']:.4f}"
-                f" {row[s]['seconds']:.1f}s"
-                for s in SCHEMES
-            ),
-            flush=True,
-        )
-    gap = {t: float(np.mean([r["a"]["auc"][t] - r["b"]["auc"][t] for r in rows])) for t in TASKS}
-    ratio = rows[-1]["a"]["seconds"] / rows[-1]["b"]["seconds"]
+    per_seed = [run_seed(args, seed, args.out / f"seed{seed}") for seed in args.seeds]
+    gap = {t: float(np.mean([r["mean_auc_gap_a_minus_b"][t] for r in per_seed])) for t in TASKS}
+    ratio = max(r["last_day_time_ratio_a_over_b"] for r in per_seed)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        "day1_seconds": t_first,
-        "days": rows,
+        "seeds": per_seed,
         "mean_auc_gap_a_minus_b": gap,
         "last_day_time_ratio_a_over_b": ratio,
         "bar_met": all(g >= -0.002 for g in gap.values()) and ratio <= 1 / 3,
         "total_seconds": time.perf_counter() - t0,
     }
-    print(json.dumps({k: result[k] for k in list(result)[-4:]}, indent=2))
-    print(markdown(result))
+    text = markdown(result)
+    print(text)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     if args.markdown is not None:
-        args.markdown.write_text(markdown(result) + "\n")
+        args.markdown.write_text(text + "\n")
 
 
 if __name__ == "__main__":

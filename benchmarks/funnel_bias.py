@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -32,7 +33,6 @@ from mtlrec.config import ExperimentConfig
 from mtlrec.data.synthetic import funnel_schema, make_funnel_table
 from mtlrec.metrics.ranking import auc
 from mtlrec.train.run import load_run, train_run
-from mtlrec.utils.runtime import enable_process_tuning
 
 PARAMS: dict[str, dict[str, Any]] = {
     "esmm": {"base": "embedding", "tower_hidden": [64, 32]},
@@ -91,7 +91,6 @@ def main() -> None:
     ap.add_argument("--output", default="runs/funnel-bias")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    enable_process_tuning()
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

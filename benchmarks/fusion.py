@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import numpy as np
 import torch
 
@@ -42,7 +43,6 @@ from mtlrec.fusion import (
 )
 from mtlrec.fusion.heldout import run_predictions
 from mtlrec.train.run import load_run, train_run
-from mtlrec.utils.runtime import enable_process_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,6 @@ def main() -> None:
     ap.add_argument("--objective", default="income:2,never_married:1")
     ap.add_argument("--md", default=None, help="write the table here too")
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     t_all = time.perf_counter()
     run_dir = Path(args.run or Path(tempfile.mkdtemp(prefix="fusion-bench-")) / "mmoe")
     if not (run_dir / "summary.json").is_file():  # train (or finish training) the run there

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-
-from mtlrec.utils.runtime import enable_process_tuning
 
 HISTORY = 20
 
@@ -77,7 +76,6 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=Path("runs/movielens/ratings.parquet"))
     ap.add_argument("--history", type=int, default=HISTORY)
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     table = build(args.data, args.history)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")

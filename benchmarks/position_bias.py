@@ -37,6 +37,7 @@ import platform
 import time
 from pathlib import Path
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,7 +49,6 @@ from mtlrec.data.preprocess import Preprocessor
 from mtlrec.data.synthetic import make_position_bias_table, position_bias_schema
 from mtlrec.models import build_model
 from mtlrec.train.trainer import Trainer
-from mtlrec.utils.runtime import enable_process_tuning
 
 POSITIONS = 10
 MODEL = "mmoe"
@@ -169,7 +169,6 @@ def main() -> None:
     ap.add_argument("--position-effect", type=float, default=None, help="generator option")
     ap.add_argument("--md", type=Path, default=None, help="also write the table here")
     args = ap.parse_args()
-    enable_process_tuning()
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     data = {

@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import numpy as np
-
-from mtlrec.utils.runtime import enable_process_tuning
 
 USERS, ITEMS = 100_000, 500_000
 """Vocabulary sizes of the generated run (a real catalogue: lookups must not cost per value
@@ -396,7 +395,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200, help="in-process requests timed")
     ap.add_argument("--markdown", type=Path, help="append the results to this file")
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     duration = min(args.duration, 300.0)
     import torch
 

@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

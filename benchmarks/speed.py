@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -55,7 +56,7 @@ from mtlrec.data.synthetic import ctr_schema
 from mtlrec.models.build import build_model
 from mtlrec.schema import Schema, SequenceFeature, TaskSpec
 from mtlrec.train.trainer import Trainer
-from mtlrec.utils.runtime import configure_runtime, enable_process_tuning, release_memory
+from mtlrec.utils.runtime import configure_runtime, release_memory
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mmoe": ("mmoe", {"num_experts": 8, "expert_hidden": [256, 128], "tower_hidden": [64]}),
@@ -286,7 +287,6 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     if args.worker and args.sharded_worker:
         from speed_sharded import run_sharded_worker
 

@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
+
 from mtlrec.train.optimizers import materialize_state
-from mtlrec.utils.runtime import enable_process_tuning
 
 
 def write_file(path: Path, rows: int, hist_len: int, row_group: int, chunk: int = 100_000) -> None:
@@ -179,7 +180,6 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     if args.child:
         print(json.dumps(child(args.child, Path(args.file), args)))
         return

@@ -15,6 +15,7 @@ import argparse
 import copy
 import time
 
+import _as_cli  # noqa: F401  (first: the mtlrec command's process settings)
 import torch
 
 from mtlrec.analysis.study import STUDY_PARAMS, _data
@@ -22,7 +23,6 @@ from mtlrec.analysis.vectorized import VectorizedRuns
 from mtlrec.batch import Features
 from mtlrec.data.synthetic import mmoe_synthetic_schema
 from mtlrec.models.build import build_model
-from mtlrec.utils.runtime import enable_process_tuning
 
 
 def main() -> None:
@@ -33,7 +33,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    enable_process_tuning()  # as the mtlrec command does
     torch.set_num_threads(args.threads)
     r, steps, bsz = args.runs, args.steps, args.batch_size
     xtr, ytr, _, _, meta = _data(0.5, r, 4096, 1, "mmoe-fig2", 0)

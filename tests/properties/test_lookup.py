@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mtlrec.batch import FIRST_ID, OOV_ID
-from mtlrec.data import encoders
+from mtlrec.data import lookup
 from mtlrec.data.encoders import CategoricalEncoder, SortedKeys
 
 TEXT = st.text(alphabet=st.sampled_from(["a", "b", "\x00", "é", "日", " "]), max_size=6)
@@ -61,7 +61,7 @@ def test_encoder_ids_do_not_depend_on_the_lookup(
     qi = pa.array([None if v is None or not v.isdigit() else int(v) for v in query], pa.int64())
     want = enc.lookup(q), enc.lookup_column(qi)
     with monkeypatch.context() as m:  # the same patch for every example
-        m.setattr(encoders, "SORTED_LOOKUP_MIN", 0)
+        m.setattr(lookup, "SORTED_LOOKUP_MIN", 0)
         fresh = CategoricalEncoder(vocab=enc.vocab.to_pylist())
         got = fresh.lookup(q), fresh.lookup_column(qi)
     assert fresh._sorted[1] is not None and fresh._ints[3] is not None  # the sorted path ran

@@ -665,3 +665,18 @@ def test_bad_gate_options_are_config_errors() -> None:
             build("ple", **over)
     with pytest.raises(ValueError, match="kind"):
         Gate(4, 3, kind="topk")
+
+
+def test_one_task_mmoe_keeps_a_gate_named_by_its_task() -> None:
+    """MMoE has one gate per task even with a single task (OMoE's gate is the 'shared' one):
+    a one-task MMoE's task parameters hold its gate (warm starts and per-task groups ask)."""
+    from mtlrec.testing import tiny_dataset
+
+    pre, ds = tiny_dataset(n=32)
+    schema = ds.schema.select_tasks(["click"])
+    m = build_model("mmoe", schema, pre.table_sizes(), {"num_experts": 2, "expert_hidden": [4]})
+    assert tuple(m.gates) == ("click",)
+    own = {id(p) for p in m.task_parameters("click")}
+    assert all(id(p) in own for p in m.gates["click"].parameters())
+    o = build_model("omoe", schema, pre.table_sizes(), {"num_experts": 2, "expert_hidden": [4]})
+    assert tuple(o.gates) == ("shared",)

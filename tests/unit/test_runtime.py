@@ -136,3 +136,25 @@ def test_port_in_use_and_free_port() -> None:
         s.bind(("127.0.0.1", port))
         s.listen()
         assert port_in_use(port)
+
+
+def test_the_command_chooses_the_system_pool_before_pyarrow_loads() -> None:
+    """``import mtlrec.cli`` loads no pyarrow, so the command's opt-in reaches Arrow's C++ default
+    pool (set by the environment at load time, which ``pa.set_memory_pool`` cannot change for
+    the C++ readers: a mimalloc pool kept ~80 MB more after encoding the speed harness's file)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mtlrec.cli\n"
+        "assert 'pyarrow' not in sys.modules, 'pyarrow loaded by import mtlrec.cli'\n"
+        "from mtlrec.utils.runtime import enable_process_tuning\n"
+        "enable_process_tuning()\n"
+        "import pyarrow as pa\n"
+        "print(pa.default_memory_pool().backend_name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "system"

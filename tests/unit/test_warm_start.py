@@ -378,3 +378,15 @@ def test_pretrained_vectors_reach_only_the_rows_the_earlier_run_lacked(
     assert (w[torch.from_numpy(ids.astype(np.int64))] == 7.0).all()
     old_w = load_run(parent).model.embedding.table_weight("item")
     assert torch.equal(w[: len(old_w)], old_w)  # the earlier run's rows win
+
+
+def test_removing_a_task_keeps_the_others(days: Path) -> None:
+    three = (CLICK, WATCH, LIKE)
+    p = train_run(_cfg(days, "day1.parquet", "three1", tasks=three), overwrite=True).path
+    cfg = _cfg(days, "day2.parquet", "two2", init_from=str(p), tasks=(CLICK, LIKE))
+    _, model, _, _, init = _start(cfg)
+    assert init["warm_start"]["removed_tasks"] == ["watch"]
+    old = dict(load_run(p).model.named_parameters())
+    for name, w in model.named_parameters():
+        if "tables." not in name:
+            assert torch.equal(w, old[name]), name

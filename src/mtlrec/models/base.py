@@ -8,9 +8,8 @@ task-specific parameters, so that nothing outside it needs ``isinstance``.
 
 from __future__ import annotations
 
-import functools
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from abc import ABC, ABCMeta, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -97,35 +96,15 @@ class ModelOutput:
         return self.predictions(tasks)
 
 
-def _with_task_specs(forward: Callable[..., ModelOutput]) -> Callable[..., ModelOutput]:
-    """``forward`` that puts the model's task specs on its output (not while a graph is being
-    captured for export, which asks by :class:`TaskSpec`)."""
+class _ModelMeta(ABCMeta):
+    """Runs :meth:`MultiTaskModel._attach_late_options` once the instance's own ``__init__``
+    (the most derived one) has returned: options that wrap the architecture's blocks (its
+    towers, its embedding) can only be attached then."""
 
-    @functools.wraps(forward)
-    def wrapped(self: MultiTaskModel, *args: Any, **kwargs: Any) -> ModelOutput:
-        out = forward(self, *args, **kwargs)
-        if isinstance(out, ModelOutput) and not (
-            torch.jit.is_tracing() or torch.compiler.is_compiling()
-        ):
-            out.task_specs = self.tasks
-        return out
-
-    wrapped._with_task_specs = True  # type: ignore[attr-defined]
-    return wrapped
-
-
-def _attaching_late_options(init: Callable[..., None]) -> Callable[..., None]:
-    """``__init__`` that calls :meth:`MultiTaskModel._attach_late_options` when the outermost
-    constructor (the one of the instance's own class) returns."""
-
-    @functools.wraps(init)
-    def wrapped(self: MultiTaskModel, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        if type(self).__init__ is wrapped:
-            self._attach_late_options()
-
-    wrapped._attaches_options = True  # type: ignore[attr-defined]
-    return wrapped
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        model = super().__call__(*args, **kwargs)
+        model._attach_late_options()
+        return model
 
 
 class ModelParams(BaseModel):
@@ -176,7 +155,7 @@ class ModelParams(BaseModel):
     )
 
 
-class MultiTaskModel(nn.Module, ABC):
+class MultiTaskModel(nn.Module, ABC, metaclass=_ModelMeta):
     """Base class: input layout, tasks and parameter bookkeeping.
 
     Subclasses build their blocks in ``__init__`` from ``self.layout`` and ``self.tasks``, and
@@ -186,16 +165,15 @@ class MultiTaskModel(nn.Module, ABC):
     Params: ClassVar[type[ModelParams]] = ModelParams
     paper: ClassVar[str] = ""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # every model's output carries its task specs, so that predictions can be asked by
-        # task name (ModelOutput.predictions): each forward a subclass defines is wrapped
-        super().__init_subclass__(**kwargs)
-        forward = cls.__dict__.get("forward")
-        if callable(forward) and not getattr(forward, "_with_task_specs", False):
-            cls.forward = _with_task_specs(forward)  # type: ignore[method-assign]
-        init = cls.__dict__.get("__init__")
-        if callable(init) and not getattr(init, "_attaches_options", False):
-            cls.__init__ = _attaching_late_options(init)  # type: ignore[method-assign]
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().__call__(*args, **kwargs)
+        # the output carries the model's task specs, so that predictions can be asked by task
+        # name (ModelOutput.predictions); not while a graph is captured for export
+        if isinstance(out, ModelOutput) and not (
+            torch.jit.is_tracing() or torch.compiler.is_compiling()
+        ):
+            out.task_specs = self.tasks
+        return out
 
     def __init__(
         self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: ModelParams

@@ -63,7 +63,11 @@ class _MoEBase(MultiTaskModel):
     Params = MoEParams
 
     def __init__(
-        self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: MoEParams, gates: int
+        self,
+        layout: FeatureLayout,
+        tasks: Sequence[TaskSpec],
+        params: MoEParams,
+        per_task_gates: bool,
     ) -> None:
         super().__init__(layout, tasks, params)
         p = params
@@ -72,7 +76,8 @@ class _MoEBase(MultiTaskModel):
         self.experts = ExpertBank(
             p.num_experts, d_in, p.expert_hidden, activation=p.activation, dropout=p.dropout
         )
-        self.gate_names = self.task_names if gates > 1 else ("shared",)
+        # MMoE: one gate per task (even with one task); OMoE: one gate for all
+        self.gate_names = self.task_names if per_task_gates else ("shared",)
         self.gates = nn.ModuleDict(
             {g: Gate(d_in, p.num_experts, **p.gate_options()) for g in self.gate_names}
         )
@@ -103,7 +108,7 @@ class MMoE(_MoEBase):
     paper = "Ma et al., KDD 2018"
 
     def __init__(self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: MoEParams) -> None:
-        super().__init__(layout, tasks, params, gates=len(tasks))
+        super().__init__(layout, tasks, params, per_task_gates=True)
 
     def forward(self, features: Features) -> ModelOutput:
         gates, mixed, aux = self._gate_and_mix(features)  # mixed: [T, B, H]
@@ -124,7 +129,7 @@ class OMoE(_MoEBase):
     paper = "Ma et al., KDD 2018 (baseline)"
 
     def __init__(self, layout: FeatureLayout, tasks: Sequence[TaskSpec], params: MoEParams) -> None:
-        super().__init__(layout, tasks, params, gates=1)
+        super().__init__(layout, tasks, params, per_task_gates=False)
 
     def forward(self, features: Features) -> ModelOutput:
         gates, mixed, aux = self._gate_and_mix(features)  # mixed: [1, B, H]

@@ -130,6 +130,41 @@ def global_count_reducer(world_size: int) -> Callable[[Tensor], Tensor]:
     return reduce
 
 
+def comm_device(device: torch.device) -> torch.device:
+    """Where the small tensors of collectives live: the GPU under nccl, else the CPU."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def average_gradients(
+    params: Sequence[nn.Parameter], world_size: int, device: torch.device | None = None
+) -> None:
+    """Average the gradients of ``params`` over the processes with one flat all-reduce.
+
+    A parameter that no process has a gradient for is left alone; one that only some have gets
+    zeros on the others; sparse gradients are made dense (the all-reduce is dense). ``device``
+    holds the small presence vector (the GPU under nccl).
+    """
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
+    if not live:
+        return
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        elif p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+    flat = torch.cat([p.grad.reshape(-1) for p in live])  # type: ignore[union-attr]  # [P]
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    offset = 0
+    for p in live:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
+        offset += n
+
+
 class GlobalLossValues(nn.Module):
     """Wraps the per-task loss so that each task's *value* is the global one (the mean over
     processes of the local terms) while its gradient stays the local term's."""
@@ -301,25 +336,7 @@ class DistributedTrainer(Trainer):
     @torch.no_grad()
     def sync_gradients(self) -> None:
         """Average every gradient over the processes (one flat all-reduce)."""
-        params = self._params
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
-        if not live:
-            return
-        for p in live:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            elif p.grad.is_sparse:
-                p.grad = p.grad.to_dense()
-        flat = torch.cat([p.grad.reshape(-1) for p in live])  # type: ignore[union-attr]
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.context.world_size
-        offset = 0
-        for p in live:
-            n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
-            offset += n
+        average_gradients(self._params, self.context.world_size, comm_device(self.device))
 
     def save(self, path: str | Path, state: TrainState) -> None:
         """Rank 0 writes; everyone waits until the file is complete."""

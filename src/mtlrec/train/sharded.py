@@ -62,6 +62,8 @@ from mtlrec.train.distributed import (
     DistContext,
     GlobalLossValues,
     _RankRandomness,
+    average_gradients,
+    comm_device,
     global_count_reducer,
 )
 from mtlrec.train.optimizers import make_optimizer
@@ -183,11 +185,6 @@ def pad_batch(batch: Batch, rows: int) -> Batch:
         {t: more(v) for t, v in batch.weights.items()},
         None if batch.groups is None else more(batch.groups),
     )
-
-
-def comm_device(device: torch.device) -> torch.device:
-    """Where small tensors of collectives live: the GPU under nccl, else the CPU."""
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def gather_rows(a: np.ndarray, device: torch.device) -> np.ndarray:
@@ -389,24 +386,7 @@ class ShardedTrainer(Trainer):
     @torch.no_grad()
     def sync_gradients(self) -> None:
         """Average the dense gradients over the processes (one flat all-reduce)."""
-        params = self._dense_params
-        dev = comm_device(self.device)
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
-        if not live:
-            return
-        for p in live:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in live])  # type: ignore[union-attr]
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.context.world_size
-        offset = 0
-        for p in live:
-            n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
-            offset += n
+        average_gradients(self._dense_params, self.context.world_size, comm_device(self.device))
 
     @torch.no_grad()
     def mean_over_processes(self, jac: Tensor) -> Tensor:

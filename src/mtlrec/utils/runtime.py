@@ -41,15 +41,25 @@ def enable_process_tuning() -> None:
     (:func:`tune_allocator`, where a config allows it), :func:`release_memory` between phases,
     and pyarrow's system memory pool (freed buffers go back to the OS; the default pool kept
     ~90 MB after reading a 500,000-row file) unless ``ARROW_DEFAULT_MEMORY_POOL`` says
-    otherwise. For command-line tools and benchmarks, not for a library's import."""
+    otherwise. For command-line tools and benchmarks, not for a library's import; call it
+    before anything imports pyarrow (``import mtlrec`` does not), so that Arrow's C++ code uses
+    the system pool too."""
     global _enabled
     _enabled = True
     import os
 
-    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
-        import pyarrow as pa
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
+        return
+    if "pyarrow" not in sys.modules:
+        # read by Arrow's C++ library when it loads: every allocation (file readers and compute
+        # kernels included) then goes to the system allocator
+        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+        return
+    # pyarrow is loaded already: the Python-level default changes, but C++ code that asks
+    # Arrow for its own default pool keeps the pool chosen at load time (call this first)
+    import pyarrow as pa
 
-        pa.set_memory_pool(pa.system_memory_pool())
+    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def process_tuning_enabled() -> bool:
