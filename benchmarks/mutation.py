@@ -87,7 +87,7 @@ MODULES: dict[str, Module] = {
             U + "test_vocab_growth.py",
             P + "test_models.py",
         ),
-        # the TorchRec backend needs torchrec, which the test machines do not have
+        # the TorchRec backend: its tests are multi-process runs (minutes per mutant)
         exclude=("src/mtlrec/nn/torchrec_embedding.py",),
     ),
     "models": Module(

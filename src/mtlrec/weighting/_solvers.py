@@ -124,14 +124,6 @@ def _exact_on_support(g: np.ndarray, w: np.ndarray, eps: float = 1e-9) -> np.nda
 EXACT_MAX_TASKS = 8
 
 
-def cagrad_objective(gram: np.ndarray, w: np.ndarray, c: float) -> float:
-    """CAGrad's dual objective ``F(w) = g_w . g0 + c ||g0|| ||g_w||`` from ``G [T, T]``
-    (``g_w = sum_t w_t g_t``, ``g0`` the mean gradient)."""
-    b = gram.mean(axis=1)  # g_t . g0
-    r = c * float(np.sqrt(max(float(b.mean()), 0.0)))  # c ||g0||
-    return float(w @ b) + r * float(np.sqrt(max(float(w @ gram @ w), 0.0)))
-
-
 def cagrad_dual(gram: np.ndarray, c: float, max_iter: int = 5000) -> np.ndarray:
     """The minimiser over the simplex of CAGrad's dual ``F(w) = w . b + r sqrt(w^T G w)``,
     ``b = G 1 / T`` (``b_t = g_t . g0``), ``r = c ||g0||`` (Liu et al., NeurIPS 2021, eq. 5),
@@ -145,7 +137,11 @@ def cagrad_dual(gram: np.ndarray, c: float, max_iter: int = 5000) -> np.ndarray:
     is a candidate, as is every vertex; the minimiser is the candidate of least ``F``. The
     problem is first scaled by ``max_t ||g_t||^2`` (``F`` scales with it, the minimiser does
     not) and a ``1e-10`` ridge keeps every face's matrix invertible when gradients are
-    dependent. More tasks: projected gradient with backtracking to a tolerance.
+    dependent. More tasks: projected gradient with backtracking to a tolerance (or its
+    iteration cap), finished by an active-set pass from its support (exact face solves, tasks
+    dropped while their weight is negative and added while the optimality condition asks for
+    them; a face point is kept only when it lowers ``F``): the iterate only nears the
+    minimiser, and ill-conditioned gradients can stop it short at the cap.
     """
     g = np.asarray(gram, dtype=np.float64)
     t = g.shape[0]
@@ -160,42 +156,83 @@ def cagrad_dual(gram: np.ndarray, c: float, max_iter: int = 5000) -> np.ndarray:
         w[int(np.argmin(b))] = 1.0
         return w
     if t > EXACT_MAX_TASKS:
-        return _cagrad_dual_iterative(g, b, r, max_iter)
-
-    def f(w: np.ndarray) -> float:
-        return float(w @ b) + r * float(np.sqrt(max(float(w @ g @ w), 0.0)))
-
+        return _active_set_polish(g, b, r, _cagrad_dual_iterative(g, b, r, max_iter))
     best = np.zeros(t)
     best[int(np.argmin(b + r * np.sqrt(np.diag(g))))] = 1.0  # the best vertex
-    best_f = f(best)
-    ones = np.ones(t)
+    best_f = _dual_value(best, b, g, r)
     for size in range(2, t + 1):
         for face in itertools.combinations(range(t), size):
-            s = list(face)
-            gs, bs = g[np.ix_(s, s)], b[s]
-            try:
-                p = np.linalg.solve(gs, ones[:size])  # G_S^{-1} 1
-                q = np.linalg.solve(gs, bs)  # G_S^{-1} b_S
-            except np.linalg.LinAlgError:
-                continue
-            alpha, beta, gamma = float(p.sum()), float(q.sum()), float(bs @ q)
-            disc = beta * beta - alpha * (gamma - r * r)
-            if alpha <= 0 or disc < 0:
-                continue
-            lam = (beta + np.sqrt(disc)) / alpha
-            v = (lam * p - q) / r
-            total = float(v.sum())
-            if total <= 0:
-                continue
-            ws = v / total
-            if float(ws.min()) < -1e-9:
-                continue  # the stationary point lies outside this face
+            w = _face_point(g, b, r, list(face))
+            if w is not None and (fw := _dual_value(w, b, g, r)) < best_f:
+                best, best_f = w, fw
+    return best
+
+
+def _dual_value(w: np.ndarray, b: np.ndarray, g: np.ndarray, r: float) -> float:
+    return float(w @ b) + r * float(np.sqrt(max(float(w @ g @ w), 0.0)))
+
+
+def _face_point(
+    g: np.ndarray, b: np.ndarray, r: float, s: list[int], shrink: bool = False
+) -> np.ndarray | None:
+    """The stationary point of the dual on the face ``s`` of the simplex (see
+    :func:`cagrad_dual`), or None when it does not lie in that face. With ``shrink``, while it
+    lies outside, the task of its most negative weight leaves the face and the smaller face is
+    solved (an active-set step from a support that holds the minimiser's)."""
+    t = g.shape[0]
+    s = list(s)
+    while len(s) >= 2:
+        gs, bs = g[np.ix_(s, s)], b[s]
+        try:
+            p = np.linalg.solve(gs, np.ones(len(s)))  # G_S^{-1} 1
+            q = np.linalg.solve(gs, bs)  # G_S^{-1} b_S
+        except np.linalg.LinAlgError:
+            return None
+        alpha, beta, gamma = float(p.sum()), float(q.sum()), float(bs @ q)
+        disc = beta * beta - alpha * (gamma - r * r)
+        if alpha <= 0 or disc < 0:
+            return None
+        lam = (beta + np.sqrt(disc)) / alpha
+        v = (lam * p - q) / r
+        total = float(v.sum())
+        if total <= 0:
+            return None
+        ws = v / total
+        if float(ws.min()) >= -1e-9:
             w = np.zeros(t)
             w[s] = np.maximum(ws, 0.0)
-            w /= w.sum()
-            fw = f(w)
-            if fw < best_f:
-                best, best_f = w, fw
+            return w / w.sum()
+        if not shrink:
+            return None  # the stationary point lies outside this face
+        del s[int(np.argmin(ws))]
+    return None
+
+
+def _active_set_polish(g: np.ndarray, b: np.ndarray, r: float, w: np.ndarray) -> np.ndarray:
+    """Finish the projected gradient's iterate ``w`` exactly: solve the face of its support
+    (tasks of negative weight dropped), then, while a task outside the face would lower ``F``
+    (its gradient component below the face's common value), add the most violating one and
+    solve again. A face point replaces ``w`` only when it lowers ``F``."""
+    t = g.shape[0]
+    best, best_f = w, _dual_value(w, b, g, r)
+    face = list(np.flatnonzero(w > 1e-12))
+    for _ in range(2 * t):
+        point = _face_point(g, b, r, face, shrink=True)
+        if point is None:
+            break
+        if (fp := _dual_value(point, b, g, r)) < best_f:
+            best, best_f = point, fp
+        norm = float(np.sqrt(max(float(point @ g @ point), 1e-300)))
+        grad = b + r * (g @ point) / norm
+        on = point > 0
+        level = float(grad[on].mean())
+        outside = np.flatnonzero(~on)
+        if outside.size == 0:
+            break
+        k = int(outside[np.argmin(grad[outside])])
+        if grad[k] >= level - 1e-12 * max(1.0, abs(level)):
+            break  # no task outside would lower F: a KKT point of the simplex
+        face = [*np.flatnonzero(on).tolist(), k]
     return best
 
 
