@@ -166,8 +166,10 @@ def train(
         result = train_run(
             cfg, output_dir=output, resume=resume, overwrite=overwrite, distributed=context
         )
-    finally:
+    except BaseException:
         ddp.shutdown()
+        raise
+    ddp.shutdown(synchronize=True)
     if context is not None and not context.is_main:
         return
     fit = result.fit

@@ -117,6 +117,7 @@ def worker(rank: int, world: int, port: int, out: str, cases: list[tuple[str, st
             )
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # nobody leaves while another finishes (see distributed.shutdown)
     finally:
         dist.destroy_process_group()
 

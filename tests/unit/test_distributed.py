@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, rendezvous: str, out: str, grad_clip: float |
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
             meta = {"best_value": repr(result.best_value), "best_epoch": str(result.best_epoch)}
             save_file(state, out, metadata=meta)
+        dist.barrier()  # nobody leaves while another finishes (see distributed.shutdown)
     finally:
         dist.destroy_process_group()
 
@@ -203,6 +204,7 @@ def _mask_worker(rank: int, world: int, rendezvous: str, folder: str) -> None:
         )
         trainer.fit(RankShard(ds, rank, world), ds)
         save_file(record, str(Path(folder) / f"rank{rank}.safetensors"))
+        dist.barrier()  # nobody leaves while another finishes (see distributed.shutdown)
     finally:
         dist.destroy_process_group()
 

@@ -754,3 +754,25 @@ def test_cagrad_iterative_dual_on_random_ill_conditioned_cases(
             assert f - f_exact <= 1e-9 * abs(f_exact)
             d, d_exact = _cagrad_d(j, w, c), _cagrad_d(j, exact, c)
             assert d @ d_exact / (np.linalg.norm(d) * np.linalg.norm(d_exact)) >= 0.999
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4, 5])  # minimisers on faces of 3 to 6 tasks
+def test_cagrad_active_set_finish_adds_the_tasks_a_start_left_out(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a start whose support misses tasks of the minimiser's (a vertex of the minimiser's
+    support), the active-set finish adds them back one by one and reaches the exact minimiser;
+    a start that already is the minimiser is kept."""
+    j = _jacobian(10, seed=2000 + seed, spread=1.0, conflict=bool(seed % 2))
+    gram = j @ j.T
+    exact = _exact_dual(gram, 0.5, monkeypatch)
+    g = gram / float(np.max(np.diag(gram))) + 1e-10 * np.eye(10)
+    b = g.mean(axis=1)
+    r = 0.5 * float(np.sqrt(b.mean()))
+    support = np.flatnonzero(exact > 1e-12)
+    assert support.size >= 3  # a real face to grow back to
+    start = np.zeros(10)
+    start[support[np.argmax(exact[support])]] = 1.0
+    got = solvers._active_set_polish(g, b, r, start)
+    assert np.abs(got - exact).max() < 1e-9
+    assert np.abs(solvers._active_set_polish(g, b, r, got) - got).max() < 1e-12

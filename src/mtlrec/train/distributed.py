@@ -114,8 +114,15 @@ def init_from_env(backend: str | None = None) -> DistContext | None:
     return DistContext(dist.get_rank(), dist.get_world_size(), backend)
 
 
-def shutdown() -> None:
+def shutdown(*, synchronize: bool = False) -> None:
+    """Leave the process group. With ``synchronize`` (after a run every process completed), a
+    barrier first: a process that tears its connections down while another is still finishing
+    its last collective makes gloo abort that one at exit ("terminate called without an active
+    exception", exit status 1 from a run that succeeded). Never after an error: the others may
+    not reach the barrier."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -181,7 +181,11 @@ def _face_point(
     solved (an active-set step from a support that holds the minimiser's)."""
     t = g.shape[0]
     s = list(s)
-    while len(s) >= 2:
+    while s:
+        if len(s) == 1:  # a vertex is its own face's only point
+            w = np.zeros(t)
+            w[s[0]] = 1.0
+            return w
         gs, bs = g[np.ix_(s, s)], b[s]
         try:
             p = np.linalg.solve(gs, np.ones(len(s)))  # G_S^{-1} 1
