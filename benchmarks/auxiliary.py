@@ -78,6 +78,18 @@ def _fit(
     return pre, trainer
 
 
+def _split(table: pa.Table, fractions: tuple[float, ...], seed: int) -> list[pa.Table]:
+    return [table.take(pa.array(i)) for i in hash_split(table.num_rows, fractions, seed)]
+
+
+def _record(into: dict[str, list[float]], row: dict[str, float], label: str, t0: float) -> None:
+    """Append one run's metrics to its variant's lists and print them."""
+    for k, v in row.items():
+        into.setdefault(k, []).append(float(v))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+    print(f"{label}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def _expert_outputs(trainer: Trainer, data: Any) -> np.ndarray:
     """The expert bank's output for every row of ``data``, flattened to [rows, experts x d]."""
     got: list[torch.Tensor] = []
@@ -113,8 +125,7 @@ def adversarial(seeds: list[int], threads: int, epochs: int, lambdas: list[float
         )
     out: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     for seed in seeds:
-        idx = hash_split(table.num_rows, (0.6, 0.2, 0.2), seed)
-        parts = [table.take(pa.array(i)) for i in idx]
+        parts = _split(table, (0.6, 0.2, 0.2), seed)
         sex_test = parts[2].column("female").to_numpy()
         sex_train = parts[0].column("female").to_numpy()
         for name, (schema, extra) in variants.items():
@@ -134,10 +145,7 @@ def adversarial(seeds: list[int], threads: int, epochs: int, lambdas: list[float
             probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
             probe.fit(train_rep, sex_train[:PROBE_ROWS])
             row["sex probe AUC"] = roc_auc_score(sex_test, probe.decision_function(test_rep))
-            for k, v in row.items():
-                out[name].setdefault(k, []).append(float(v))
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items())
-            print(f"seed {seed} {name}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            _record(out[name], row, f"seed {seed} {name}", t0)
     return out
 
 
@@ -166,8 +174,7 @@ def next_item(seeds: list[int], threads: int, epochs: int, data: Path, weights: 
         }
     out: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     for seed in seeds:
-        idx = hash_split(table.num_rows, (0.8, 0.1, 0.1), seed)
-        parts = [table.take(pa.array(i)) for i in idx]
+        parts = _split(table, (0.8, 0.1, 0.1), seed)
         like = parts[2].column("like").to_numpy()
         rating = parts[2].column("rating").to_numpy()
         users = parts[2].column("user").to_numpy()
@@ -182,10 +189,7 @@ def next_item(seeds: list[int], threads: int, epochs: int, data: Path, weights: 
                 "like GAUC": gauc(scores["like"], like, users),
                 "rating MSE": float(np.mean((np.asarray(scores["rating"]) - rating) ** 2)),
             }
-            for k, v in row.items():
-                out[name].setdefault(k, []).append(float(v))
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items())
-            print(f"seed {seed} {name}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            _record(out[name], row, f"seed {seed} {name}", t0)
     return out
 
 
