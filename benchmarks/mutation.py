@@ -12,7 +12,7 @@ pyproject.toml. This script runs it on one module at a time, in a scratch copy o
 
 * only the module's files are mutated (``only_mutate``);
 * only the test files that cover the module run (the map ``MODULES`` below, plus
-  ``tests/unit/test_mutation_<module>.py``, written to kill survivors), and of those, for
+  ``tests/unit/test_mutation_<module>*.py``, written to kill survivors), and of those, for
   each mutant, only the tests that call the mutated function (mutmut's own coverage-based
   selection, recorded in one traced run of those tests);
 * ``--max-children`` workers (default 2) under ``nice``.
@@ -23,6 +23,8 @@ Usage::
     python benchmarks/mutation.py --changed origin/main     # the modules a diff touched
     python benchmarks/mutation.py --list                    # the modules and their tests
     python benchmarks/mutation.py metrics --json out.json --fail-under 90
+    python benchmarks/mutation.py nn --workdir W --keep    # keep the run's workspace, then
+    python benchmarks/mutation.py nn --workdir W --recheck # survivors vs the tests written since
 
 It prints, per module, the counts, the score and the time, then every surviving mutant with its
 file, line and diff. Exit status 1 if a module scores below ``--fail-under``, 2 if a run fails.
@@ -85,6 +87,9 @@ MODULES: dict[str, Module] = {
             U + "test_wide.py",
             U + "test_models_snr.py",
             U + "test_vocab_growth.py",
+            U + "test_auxiliary.py",
+            U + "test_bias_tower.py",
+            U + "test_models_funnel.py",
             P + "test_models.py",
         ),
         # the TorchRec backend: its tests are multi-process runs (minutes per mutant)
@@ -100,7 +105,11 @@ MODULES: dict[str, Module] = {
             U + "test_models_funnel.py",
             U + "test_models_snr.py",
             U + "test_losses.py",
+            U + "test_auxiliary.py",
+            U + "test_bias_tower.py",
+            U + "test_wide.py",
             P + "test_models.py",
+            P + "test_weighting_layers.py",
         ),
     ),
     "weighting": Module(
@@ -111,6 +120,7 @@ MODULES: dict[str, Module] = {
             U + "test_weighting_famo.py",
             U + "test_weighting_gradients.py",
             U + "test_weighting_solvers.py",
+            U + "test_weighting_gram.py",
             P + "test_weightings.py",
             P + "test_weighting_layers.py",
         ),
@@ -206,6 +216,14 @@ def changed_modules(base: str) -> dict[str, list[str]]:
         if files:
             out[name] = files
     return out
+
+
+def own_tests(module: str) -> list[str]:
+    """The test files written to kill the module's survivors: ``test_mutation_<module>.py`` and
+    ``test_mutation_<module>_<part>.py`` (``data/split`` -> ``data_split``)."""
+    stem = "test_mutation_" + module.replace("/", "_")
+    found = sorted(ROOT.glob(U + stem + ".py")) + sorted(ROOT.glob(U + stem + "_*.py"))
+    return [p.relative_to(ROOT).as_posix() for p in found]
 
 
 def load_equivalents(path: Path) -> list[dict[str, str]]:
@@ -343,8 +361,7 @@ def run_module(
     max_children: int,
     equivalents: list[dict[str, str]],
 ) -> ModuleResult:
-    own = U + f"test_mutation_{module.replace('/', '_')}.py"  # the tests written for survivors
-    tests = [t for t in (*MODULES[module].tests, own) if (ROOT / t).is_file()]
+    tests = [t for t in MODULES[module].tests if (ROOT / t).is_file()] + own_tests(module)
     ws = _workspace(base, module, files, tests)
     t0 = time.monotonic()
     run = _mutmut(ws, "run", "--max-children", str(max_children), log=ws / "mutmut-run.log")
@@ -381,6 +398,76 @@ def collect(
         s.equivalent = None if s.entry is None else equivalents[s.entry]["reason"]
         result.survivors.append(s)
     return result
+
+
+def _selection(ws: Path) -> list[str]:
+    """The test files of the run kept in workspace ``ws`` (its ``[tool.mutmut]`` section)."""
+    cfg = tomllib.loads((ws / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return list(cfg.get("pytest_add_cli_args_test_selection", []))
+
+
+def _differs(a: Path, b: Path) -> bool:
+    return not b.is_file() or a.read_bytes() != b.read_bytes()
+
+
+def recheck(ws: Path, module: str, result: ModuleResult) -> list[str]:
+    """Run the survivors of a kept workspace against the test files written or changed since
+    its run.
+
+    mutmut resets every result when its test selection changes, so new tests (a
+    ``test_mutation_<module>*.py`` file, a file added to ``MODULES``) would otherwise cost a
+    full run. A survivor passed every test of the run's selection; here each one runs only
+    the test files that were not in it or changed since (copied from the checkout into the
+    workspace's mutated tree, ``-x``), and a failure kills it. The module's source must be
+    the one that was mutated. The same files must pass with no mutant first, or
+    nothing is rechecked. Returns the files used; the survivors' statuses are updated.
+    """
+    changed = [f for f in result.files if _differs(ROOT / f, ws / f)]
+    if changed:
+        result.error = f"changed since the run (run the module again): {', '.join(changed)}"
+        return []
+    old = set(_selection(ws))
+    module_tests = [*MODULES[module].tests, *own_tests(module)]
+    new = [
+        t
+        for t in module_tests
+        if (ROOT / t).is_file() and (t not in old or _differs(ROOT / t, ws / t))
+    ]
+    if not new:
+        return []
+    tree = ws / "mutants"
+    for name in ("tests", "examples", "docs"):  # the checkout's tests and what they read
+        shutil.copytree(ROOT / name, tree / name, dirs_exist_ok=True)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONHASHSEED="0",
+        PYTHONPATH=str(tree / "src"),
+    )
+    env.pop("MUTANT_UNDER_TEST", None)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    base = subprocess.run([*cmd, *new], cwd=tree, env=env, capture_output=True, text=True)
+    if base.returncode != 0:
+        tail = "\n".join(base.stdout.splitlines()[-15:])
+        result.error = f"the recheck's tests fail without a mutant ({' '.join(new)}):\n{tail}"
+        return new
+    for s in result.survivors:
+        if s.equivalent is not None or s.status not in ("survived", "no tests"):
+            continue
+        run = subprocess.run(
+            [*cmd, *new],
+            cwd=tree,
+            env=dict(env, MUTANT_UNDER_TEST=s.name),
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode != 0:
+            result.counts[s.status] -= 1
+            result.counts["killed"] = result.counts.get("killed", 0) + 1
+            s.status = "killed"
+    result.survivors = [s for s in result.survivors if s.status not in KILLED]
+    return new
 
 
 def stale_equivalents(res: ModuleResult, equivalents: list[dict[str, str]]) -> list[str]:
@@ -426,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=10, help="niceness of the run (0: none)")
     ap.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument(
+        "--recheck",
+        action="store_true",
+        help="no new run: read the kept run in --workdir and run its survivors against the "
+        "test files written since (see recheck())",
+    )
     ap.add_argument("--equivalents", type=Path, default=EQUIVALENTS)
     ap.add_argument("--json", type=Path, help="write the results as JSON")
     ap.add_argument("--fail-under", type=float, help="exit 1 if a module scores below this")
@@ -452,18 +545,32 @@ def main(argv: list[str] | None = None) -> int:
     equivalents = load_equivalents(args.equivalents)
     base = args.workdir or Path(tempfile.mkdtemp(prefix="mtlrec-mutation-"))
     results = []
+    if args.recheck and args.workdir is None:
+        ap.error("--recheck reads a kept run: pass its --workdir")
     try:
         for module, files in todo.items():
-            res = run_module(
-                module, files, base=base, max_children=args.max_children, equivalents=equivalents
-            )
+            if args.recheck:
+                ws = base / re.sub(r"[^A-Za-z0-9]+", "-", module)
+                t0 = time.monotonic()
+                res = collect(ws, module, files, 0.0, equivalents)
+                used = recheck(ws, module, res)
+                res.seconds = time.monotonic() - t0
+                print(f"   rechecked with {', '.join(used) or 'no new test file'}", flush=True)
+            else:
+                res = run_module(
+                    module,
+                    files,
+                    base=base,
+                    max_children=args.max_children,
+                    equivalents=equivalents,
+                )
             print(report(res), flush=True)
             if not res.error and (stale := stale_equivalents(res, equivalents)):
                 print(f"   equivalent entries that matched nothing ({args.equivalents.name}):")
                 print("\n".join("   " + line for line in stale), flush=True)
             results.append(res)
     finally:
-        if not args.keep and args.workdir is None:
+        if not args.keep and args.workdir is None and not args.recheck:
             shutil.rmtree(base, ignore_errors=True)
     print("\nmodule            mutants  equivalent  killed  score    seconds")
     for r in results:

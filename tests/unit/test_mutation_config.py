@@ -96,3 +96,90 @@ def test_a_mutant_is_located_at_its_file_line(mutation: ModuleType, tmp_path: Pa
     path, line = mutation._locate(tmp_path, "pkg.mod.xǁCǁf__mutmut_1", diff)
     assert (path, line) == ("src/pkg/mod.py", 8)  # not line 2, where the same text also is
     assert mutation._changed_lines(diff) == ("return x > 0", "return x >= 0")
+
+
+def test_own_tests_are_the_module_s_mutation_files(mutation: ModuleType) -> None:
+    own = mutation.own_tests("weighting")
+    assert "tests/unit/test_mutation_weighting.py" in own
+    assert all(p.startswith("tests/unit/test_mutation_weighting") for p in own)
+    assert mutation.own_tests("data/split") == ["tests/unit/test_mutation_data_split.py"]
+
+
+def _fake_run(root: Path, ws: Path) -> None:
+    """A checkout ``root`` and a kept workspace ``ws`` of module ``mod`` (``src/pkg/m.py``):
+    the workspace's mutated tree switches mutant ``f`` or ``g`` on by MUTANT_UNDER_TEST, as
+    mutmut's trampolines do. The run's selection was ``test_old.py``; the checkout has since
+    gained ``test_mutation_mod.py``, which catches mutant ``f`` and not ``g``."""
+    source = "def f(x):\n    return x + 1\n\n\ndef g(x):\n    return x * 2\n"
+    mutated = (
+        "import os\n\nON = os.environ.get('MUTANT_UNDER_TEST', '')\n\n\n"
+        "def f(x):\n    return x + (2 if ON == 'pkg.m.x_f__mutmut_1' else 1)\n\n\n"
+        "def g(x):\n    return x * (2 if ON != 'pkg.m.x_g__mutmut_1' else 2.0)\n"
+    )
+    old_test = "from pkg.m import g\n\n\ndef test_g():\n    assert g(0) == 0\n"
+    new_test = "from pkg.m import f\n\n\ndef test_f():\n    assert f(1) == 2\n"
+    files = {
+        root / "src/pkg/m.py": source,
+        root / "tests/unit/test_old.py": old_test,
+        root / "tests/unit/test_mutation_mod.py": new_test,
+        ws / "src/pkg/m.py": source,
+        ws / "tests/unit/test_old.py": old_test,
+        ws / "mutants/src/pkg/m.py": mutated,
+        ws / "pyproject.toml": "[tool.mutmut]\npytest_add_cli_args_test_selection = "
+        '["tests/unit/test_old.py"]\n',
+    }
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for name in ("examples", "docs"):
+        (root / name).mkdir()
+
+
+def test_recheck_kills_survivors_with_the_tests_written_since_the_run(
+    mutation: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, ws = tmp_path / "root", tmp_path / "ws"
+    _fake_run(root, ws)
+    monkeypatch.setattr(mutation, "ROOT", root)
+    module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
+    monkeypatch.setitem(mutation.MODULES, "mod", module)
+
+    def result():
+        res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
+        res.survivors = [
+            mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
+            for fn in ("f", "g")
+        ]
+        return res
+
+    res = result()
+    used = mutation.recheck(ws, "mod", res)
+    assert used == ["tests/unit/test_mutation_mod.py"]  # test_old.py ran in the run already
+    assert res.error is None
+    assert res.counts == {"survived": 1, "killed": 1}
+    assert [s.name for s in res.survivors] == ["pkg.m.x_g__mutmut_1"]
+    assert res.score == 50.0
+
+    # a changed test file of the run's selection is run again too
+    (root / "tests/unit/test_old.py").write_text(
+        "from pkg.m import g\n\n\ndef test_g():\n    assert isinstance(g(1), int)\n"
+    )
+    res = result()
+    assert mutation.recheck(ws, "mod", res) == [
+        "tests/unit/test_old.py",
+        "tests/unit/test_mutation_mod.py",
+    ]
+    assert res.counts == {"survived": 0, "killed": 2}
+
+    # a failing recheck file fails the recheck instead of killing everything
+    (root / "tests/unit/test_mutation_mod.py").write_text("def test_no():\n    assert False\n")
+    res = result()
+    mutation.recheck(ws, "mod", res)
+    assert res.error is not None and "fail without a mutant" in res.error
+    assert res.counts == {"survived": 2}
+
+    # and a source changed since the run is refused
+    (root / "src/pkg/m.py").write_text("def f(x):\n    return x + 3\n")
+    res = result()
+    assert mutation.recheck(ws, "mod", res) == []
+    assert res.error == "changed since the run (run the module again): src/pkg/m.py"

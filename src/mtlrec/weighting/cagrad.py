@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mtlrec.registry import WEIGHTINGS
-from mtlrec.weighting._solvers import EXACT_MAX_TASKS, cagrad_dual
+from mtlrec.weighting._solvers import EXACT_MAX_TASKS, cagrad_dual, gram64
 from mtlrec.weighting.base import GradParams, Weighting
 
 PAPER = (
@@ -72,7 +72,7 @@ class CAGrad(Weighting):
         g0 = j.mean(dim=0)
         if self.c == 0:
             return t * g0
-        gram = (j @ j.T).to(torch.float64)
+        gram = gram64(j)
         w = self.dual_weights(gram)
         gw = (w.to(j.dtype)) @ j
         gw_norm = gw.norm().clamp_min(1e-20)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlrec.registry import WEIGHTINGS
+from mtlrec.weighting._solvers import gram64
 from mtlrec.weighting.base import GradParams, SharedUpdateWeighting
 
 PAPER = (
@@ -42,7 +43,9 @@ class IMTL(SharedUpdateWeighting):
         if t == 1:
             return torch.ones_like(losses)
         j = jacobian.detach()
-        gram = (j @ j.T).to(torch.float64)  # g_i . g_j
+        gram = gram64(j)  # g_i . g_j
+        if not bool(torch.isfinite(gram).all()):  # lstsq raises on them: equal weights
+            return torch.ones(t, dtype=torch.float64)
         norms = gram.diagonal().clamp_min(1e-30).sqrt()
         gu = gram / norms[None, :]  # g_i . u_j
         # (D U^T)_{ab} = (g_1 - g_a).(u_1 - u_b) for a, b in 2..T

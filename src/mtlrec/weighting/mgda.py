@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mtlrec.registry import WEIGHTINGS
-from mtlrec.weighting._solvers import min_norm_weights
+from mtlrec.weighting._solvers import gram64, min_norm_weights
 from mtlrec.weighting.base import GradParams, SharedUpdateWeighting
 
 PAPER = "Sener, Koltun. Multi-Task Learning as Multi-Objective Optimization. NeurIPS 2018"
@@ -86,7 +86,7 @@ class MGDA(SharedUpdateWeighting):
     def shared_weights(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """The weights ``alpha [T]`` of the task gradients in the shared update."""
         j = jacobian.detach()
-        raw = (j @ j.T).to(torch.float64)  # [T, T]
+        raw = gram64(j)  # [T, T]
         s = self.normalizers(losses, raw)
         gram = raw / (s[:, None] * s[None, :])  # Gram matrix of g_t / s_t
         a = min_norm_weights(gram)

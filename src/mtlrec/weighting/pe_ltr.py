@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mtlrec.errors import ConfigError
 from mtlrec.registry import WEIGHTINGS
-from mtlrec.weighting._solvers import project_simplex
+from mtlrec.weighting._solvers import gram64, project_simplex
 from mtlrec.weighting.base import GradParams, SharedUpdateWeighting
 
 PAPER = (
@@ -63,7 +63,7 @@ class PELTR(SharedUpdateWeighting):
     def shared_weights(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """The weights ``alpha [T]`` of the task gradients in the shared update."""
         j = jacobian.detach()  # the present tasks' rows
-        gram = (j @ j.T).to(torch.float64)
+        gram = gram64(j)
         t = j.shape[0]
         c = self.bounds[self.present] if t < self.num_tasks else self.bounds
         free = 1.0 - float(c.sum())
@@ -72,8 +72,10 @@ class PELTR(SharedUpdateWeighting):
         kkt[:t, t] = 1.0
         kkt[t, :t] = 1.0
         rhs = torch.cat([-(gram @ c), torch.tensor([free], dtype=torch.float64)])
-        sol = torch.linalg.lstsq(kkt, rhs[:, None]).solution[:, 0]
-        v = sol[:t]
+        if bool(torch.isfinite(kkt).all()) and bool(torch.isfinite(rhs).all()):
+            v = torch.linalg.lstsq(kkt, rhs[:, None]).solution[:t, 0]
+        else:  # lstsq raises on them
+            v = torch.full((t,), float("nan"), dtype=torch.float64)
         if not bool(torch.isfinite(v).all()):
             v = torch.full((t,), free / t, dtype=torch.float64)
         w = c + project_simplex(v, free)
