@@ -169,6 +169,8 @@ class ModuleResult:
     counts: dict[str, int] = field(default_factory=dict)
     survivors: list[Survivor] = field(default_factory=list)
     error: str | None = None
+    statuses: dict[str, str] = field(default_factory=dict)  # by mutant name
+    notes: list[str] = field(default_factory=list)
 
     @property
     def equivalent(self) -> int:
@@ -387,8 +389,9 @@ def collect(
             statuses[name] = status
     for status in statuses.values():
         result.counts[status] = result.counts.get(status, 0) + 1
+    result.statuses = statuses
     for name, status in sorted(statuses.items()):
-        if status in KILLED:
+        if status in KILLED or status == "not checked":  # (a stopped run's rest: no diff)
             continue
         shown = _mutmut(ws, "show", name).stdout.splitlines()
         diff = [ln for ln in shown if not ln.startswith("# ")]
@@ -406,11 +409,62 @@ def _selection(ws: Path) -> list[str]:
     return list(cfg.get("pytest_add_cli_args_test_selection", []))
 
 
+def _file_of(name: str) -> str:
+    """The source file of a mutant (``pkg.mod.x_f__mutmut_3`` -> ``src/pkg/mod.py``, or
+    ``src/pkg/mod/__init__.py`` for a package)."""
+    path = "src/" + name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[0].replace(".", "/")
+    return path + "/__init__.py" if (ROOT / path).is_dir() else path + ".py"
+
+
+def by_file(res: ModuleResult) -> dict[str, dict[str, int]]:
+    """Per source file: mutants, killed, equivalent, not checked (a stopped run), alive."""
+    equivalent = {s.name for s in res.survivors if s.equivalent is not None}
+    out: dict[str, dict[str, int]] = {}
+    for name, status in res.statuses.items():
+        row = out.setdefault(
+            _file_of(name),
+            {"mutants": 0, "killed": 0, "equivalent": 0, "not checked": 0, "alive": 0},
+        )
+        row["mutants"] += 1
+        if status in KILLED:
+            row["killed"] += 1
+        elif name in equivalent:
+            row["equivalent"] += 1
+        elif status == "not checked":
+            row["not checked"] += 1
+        else:
+            row["alive"] += 1
+    return dict(sorted(out.items()))
+
+
 def _differs(a: Path, b: Path) -> bool:
     return not b.is_file() or a.read_bytes() != b.read_bytes()
 
 
-def recheck(ws: Path, module: str, result: ModuleResult) -> list[str]:
+# Run by each recheck worker in the mutated tree: import the heavy modules once, then fork a
+# child per mutant (as mutmut's fork server does: no test has run in the parent) that switches
+# the mutant on (mutmut's trampolines read MUTANT_UNDER_TEST at call time) and runs the files.
+_RECHECK_DRIVER = """
+import importlib, os, sys
+import pytest
+for m in sys.argv[1].split(","):
+    importlib.import_module(m)
+files = sys.argv[2].split(",")
+for name in sys.argv[3:]:
+    pid = os.fork()
+    if pid == 0:
+        os.environ["MUTANT_UNDER_TEST"] = name
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *files]))
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print("RESULT", name, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) -> list[str]:
     """Run the survivors of a kept workspace against the test files written or changed since
     its run.
 
@@ -422,10 +476,11 @@ def recheck(ws: Path, module: str, result: ModuleResult) -> list[str]:
     the one that was mutated. The same files must pass with no mutant first, or
     nothing is rechecked. Returns the files used; the survivors' statuses are updated.
     """
-    changed = [f for f in result.files if _differs(ROOT / f, ws / f)]
-    if changed:
-        result.error = f"changed since the run (run the module again): {', '.join(changed)}"
-        return []
+    changed = {f for f in result.files if _differs(ROOT / f, ws / f)}
+    if changed:  # its mutants were made from another source: their verdicts stand as they are
+        result.notes.append(
+            "not rechecked, changed since the run (run again): " + ", ".join(sorted(changed))
+        )
     old = set(_selection(ws))
     module_tests = [*MODULES[module].tests, *own_tests(module)]
     new = [
@@ -452,20 +507,39 @@ def recheck(ws: Path, module: str, result: ModuleResult) -> list[str]:
         tail = "\n".join(base.stdout.splitlines()[-15:])
         result.error = f"the recheck's tests fail without a mutant ({' '.join(new)}):\n{tail}"
         return new
-    for s in result.survivors:
-        if s.equivalent is not None or s.status not in ("survived", "no tests"):
-            continue
-        run = subprocess.run(
-            [*cmd, *new],
+    todo = [
+        s
+        for s in result.survivors
+        if s.equivalent is None
+        and s.status in ("survived", "no tests")
+        and _file_of(s.name) not in changed
+    ]
+    imports = [f[len("src/") : -len(".py")].replace("/", ".") for f in result.files]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RECHECK_DRIVER, ",".join(imports), ",".join(new)]
+            + [s.name for s in todo[i::max_children]],
             cwd=tree,
-            env=dict(env, MUTANT_UNDER_TEST=s.name),
-            capture_output=True,
+            env=env,
+            stdout=subprocess.PIPE,
             text=True,
         )
-        if run.returncode != 0:
+        for i in range(max(1, min(max_children, len(todo))))
+    ]
+    exit_codes: dict[str, int] = {}
+    for w in workers:
+        out, _ = w.communicate()
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                _, name, code = line.split()
+                exit_codes[name] = int(code)
+    for s in todo:
+        if s.name not in exit_codes:
+            raise RuntimeError(f"the recheck did not report mutant {s.name}")
+        if exit_codes[s.name] != 0:
             result.counts[s.status] -= 1
             result.counts["killed"] = result.counts.get("killed", 0) + 1
-            s.status = "killed"
+            s.status = result.statuses[s.name] = "killed"
     result.survivors = [s for s in result.survivors if s.status not in KILLED]
     return new
 
@@ -491,6 +565,17 @@ def report(res: ModuleResult) -> str:
         f"   {res.total} mutants: {counts}; {res.equivalent} listed as equivalent; "
         f"score {score} (killed {res.killed} of {res.total - res.equivalent})"
     )
+    out.extend("   " + note for note in res.notes)
+    files = by_file(res)
+    if len(files) > 1:
+        out.append("   per file: mutants, killed, equivalent, not checked, alive, score")
+        for f, row in files.items():
+            scored = row["mutants"] - row["equivalent"] - row["not checked"]
+            score = f"{100.0 * row['killed'] / scored:.1f}%" if scored else "n/a"
+            out.append(
+                f"     {f:<44} {row['mutants']:>5} {row['killed']:>6} {row['equivalent']:>5} "
+                f"{row['not checked']:>5} {row['alive']:>5}  {score}"
+            )
     alive = [s for s in res.survivors if s.equivalent is None]
     if alive:
         out.append(f"   surviving mutants ({len(alive)}):")
@@ -553,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
                 ws = base / re.sub(r"[^A-Za-z0-9]+", "-", module)
                 t0 = time.monotonic()
                 res = collect(ws, module, files, 0.0, equivalents)
-                used = recheck(ws, module, res)
+                used = recheck(ws, module, res, args.max_children)
                 res.seconds = time.monotonic() - t0
                 print(f"   rechecked with {', '.join(used) or 'no new test file'}", flush=True)
             else:

@@ -109,7 +109,8 @@ class SequenceExpertBank(nn.Module):
         if self.shared_input:
             bsz, length, d = x.shape
             w = self.w_ih.permute(1, 0, 2).reshape(d, -1)  # [D, K*G*H]
-            xi = (x.reshape(bsz * length, d) @ w).view(bsz, length, k, -1)  # [B, L, K, G*H]
+            # [B, L, K, G*H], the last size given: none can be inferred from an empty input
+            xi = (x.reshape(bsz * length, d) @ w).view(bsz, length, k, w.shape[1] // k)
             xi = xi.permute(2, 0, 1, 3) + self.b_ih.unsqueeze(1)  # [K, B, L, G*H]
         else:
             _, bsz, length, d = x.shape
