@@ -25,6 +25,7 @@ Usage::
     python benchmarks/mutation.py metrics --json out.json --fail-under 90
     python benchmarks/mutation.py nn --workdir W --keep    # keep the run's workspace, then
     python benchmarks/mutation.py nn --workdir W --recheck # survivors vs the tests written since
+    python benchmarks/mutation.py nn --workdir W --report  # the kept run's results again
 
 It prints, per module, the counts, the score and the time, then every surviving mutant with its
 file, line and diff. Exit status 1 if a module scores below ``--fail-under``, 2 if a run fails.
@@ -376,6 +377,28 @@ def run_module(
     return collect(ws, module, files, seconds, equivalents)
 
 
+# mutmut's own functions behind `mutmut show`, called once for many mutants (a `mutmut show`
+# process per mutant costs ~0.5-3 s each); any failure falls back to `mutmut show`
+_DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+print(json.dumps({n: get_diff_for_mutant(n, path=find_mutant(n).path) for n in sys.argv[1:]}))
+"""
+
+
+def _diffs(ws: Path, names: list[str]) -> dict[str, str]:
+    """The diffs of mutants ``names`` by name ({} if mutmut's functions cannot be called)."""
+    if not names:
+        return {}
+    run = subprocess.run(
+        [sys.executable, "-c", _DIFFS, *names], cwd=ws, capture_output=True, text=True
+    )
+    try:
+        return dict(json.loads(run.stdout)) if run.returncode == 0 else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def collect(
     ws: Path, module: str, files: list[str], seconds: float, equivalents: list[dict[str, str]]
 ) -> ModuleResult:
@@ -390,11 +413,16 @@ def collect(
     for status in statuses.values():
         result.counts[status] = result.counts.get(status, 0) + 1
     result.statuses = statuses
+    shown = [n for n, st in statuses.items() if st not in KILLED and st != "not checked"]
+    diffs = _diffs(ws, shown)
     for name, status in sorted(statuses.items()):
         if status in KILLED or status == "not checked":  # (a stopped run's rest: no diff)
             continue
-        shown = _mutmut(ws, "show", name).stdout.splitlines()
-        diff = [ln for ln in shown if not ln.startswith("# ")]
+        if name in diffs:
+            diff = diffs[name].splitlines()
+        else:
+            shown = _mutmut(ws, "show", name).stdout.splitlines()
+            diff = [ln for ln in shown if not ln.startswith("# ")]
         path, line = _locate(ws, name, diff)
         s = Survivor(name, status, path, _function_of(name), line, diff)
         s.entry = _equivalent(s, equivalents)
@@ -514,7 +542,10 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
         and s.status in ("survived", "no tests")
         and _file_of(s.name) not in changed
     ]
-    imports = [f[len("src/") : -len(".py")].replace("/", ".") for f in result.files]
+    imports = [
+        f[len("src/") : -len(".py")].replace("/", ".").removesuffix(".__init__")
+        for f in result.files
+    ]
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", _RECHECK_DRIVER, ",".join(imports), ",".join(new)]
@@ -534,7 +565,7 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
                 _, name, code = line.split()
                 exit_codes[name] = int(code)
     for s in todo:
-        if s.name not in exit_codes:
+        if s.name not in exit_codes:  # a worker failed before its tests (its stderr is shown)
             raise RuntimeError(f"the recheck did not report mutant {s.name}")
         if exit_codes[s.name] != 0:
             result.counts[s.status] -= 1
@@ -599,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument(
+        "--report",
+        action="store_true",
+        help="no new run: print the results of the kept run in --workdir",
+    )
+    ap.add_argument(
         "--recheck",
         action="store_true",
         help="no new run: read the kept run in --workdir and run its survivors against the "
@@ -630,17 +666,18 @@ def main(argv: list[str] | None = None) -> int:
     equivalents = load_equivalents(args.equivalents)
     base = args.workdir or Path(tempfile.mkdtemp(prefix="mtlrec-mutation-"))
     results = []
-    if args.recheck and args.workdir is None:
-        ap.error("--recheck reads a kept run: pass its --workdir")
+    if (args.recheck or args.report) and args.workdir is None:
+        ap.error("--recheck and --report read a kept run: pass its --workdir")
     try:
         for module, files in todo.items():
-            if args.recheck:
+            if args.recheck or args.report:
                 ws = base / re.sub(r"[^A-Za-z0-9]+", "-", module)
                 t0 = time.monotonic()
                 res = collect(ws, module, files, 0.0, equivalents)
-                used = recheck(ws, module, res, args.max_children)
+                if args.recheck:
+                    used = recheck(ws, module, res, args.max_children)
+                    print(f"   rechecked with {', '.join(used) or 'no new test file'}", flush=True)
                 res.seconds = time.monotonic() - t0
-                print(f"   rechecked with {', '.join(used) or 'no new test file'}", flush=True)
             else:
                 res = run_module(
                     module,
@@ -655,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join("   " + line for line in stale), flush=True)
             results.append(res)
     finally:
-        if not args.keep and args.workdir is None and not args.recheck:
+        if not args.keep and args.workdir is None:
             shutil.rmtree(base, ignore_errors=True)
     print("\nmodule            mutants  equivalent  killed  score    seconds")
     for r in results:

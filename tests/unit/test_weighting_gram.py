@@ -68,3 +68,11 @@ def test_closed_forms_fall_back_on_non_finite_gradients(bad: float) -> None:
     pe = build_weighting("pe_ltr", ("a", "b", "c"), {"bounds": {"a": 0.1}})
     w = pe.shared_weights(torch.ones(3, dtype=F64), j)
     torch.testing.assert_close(w, torch.tensor([0.4, 0.3, 0.3], dtype=F64))
+
+
+def test_gram64_stays_on_the_gradients_device() -> None:
+    """The accumulator is made on the Jacobian's device (checked with the meta device: a CPU
+    accumulator would refuse meta blocks)."""
+    j = torch.empty(3, 10, device="meta")
+    g = gram64(j, chunk=4)
+    assert g.device == j.device and g.shape == (3, 3) and g.dtype == F64
