@@ -45,7 +45,7 @@ class IMTL(SharedUpdateWeighting):
         j = jacobian.detach()
         gram = gram64(j)  # g_i . g_j
         if not bool(torch.isfinite(gram).all()):  # lstsq raises on them: equal weights
-            return torch.ones(t, dtype=torch.float64)
+            return torch.ones(t, dtype=torch.float64, device=gram.device)
         norms = gram.diagonal().clamp_min(1e-30).sqrt()
         gu = gram / norms[None, :]  # g_i . u_j
         # (D U^T)_{ab} = (g_1 - g_a).(u_1 - u_b) for a, b in 2..T
@@ -55,5 +55,5 @@ class IMTL(SharedUpdateWeighting):
         sol = torch.linalg.lstsq(du.T, g1u[:, None]).solution[:, 0]  # alpha D U^T = g1 U^T
         alpha = torch.cat([(1 - sol.sum()).reshape(1), sol])
         if not bool(torch.isfinite(alpha).all()):
-            alpha = torch.full((t,), 1.0 / t, dtype=torch.float64)
+            alpha = torch.full((t,), 1.0 / t, dtype=torch.float64, device=gram.device)
         return t * alpha

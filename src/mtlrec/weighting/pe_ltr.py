@@ -75,8 +75,8 @@ class PELTR(SharedUpdateWeighting):
         if bool(torch.isfinite(kkt).all()) and bool(torch.isfinite(rhs).all()):
             v = torch.linalg.lstsq(kkt, rhs[:, None]).solution[:t, 0]
         else:  # lstsq raises on them
-            v = torch.full((t,), float("nan"), dtype=torch.float64)
+            v = torch.full((t,), float("nan"), dtype=torch.float64, device=gram.device)
         if not bool(torch.isfinite(v).all()):
-            v = torch.full((t,), free / t, dtype=torch.float64)
+            v = torch.full((t,), free / t, dtype=torch.float64, device=gram.device)
         w = c + project_simplex(v, free)
         return w
