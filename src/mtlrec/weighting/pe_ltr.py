@@ -67,11 +67,11 @@ class PELTR(SharedUpdateWeighting):
         t = j.shape[0]
         c = self.bounds[self.present] if t < self.num_tasks else self.bounds
         free = 1.0 - float(c.sum())
-        kkt = torch.zeros(t + 1, t + 1, dtype=torch.float64)
+        kkt = torch.zeros(t + 1, t + 1, dtype=torch.float64, device=gram.device)
         kkt[:t, :t] = gram
         kkt[:t, t] = 1.0
         kkt[t, :t] = 1.0
-        rhs = torch.cat([-(gram @ c), torch.tensor([free], dtype=torch.float64)])
+        rhs = torch.cat([-(gram @ c), gram.new_tensor([free])])
         if bool(torch.isfinite(kkt).all()) and bool(torch.isfinite(rhs).all()):
             v = torch.linalg.lstsq(kkt, rhs[:, None]).solution[:t, 0]
         else:  # lstsq raises on them
