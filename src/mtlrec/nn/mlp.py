@@ -100,6 +100,14 @@ def activation_fn(name: str):
         ) from None
 
 
+def check_dropout(dropout: float) -> float:
+    """``dropout`` if it is a rate in [0, 1); a ``ValueError`` otherwise (a negative rate would
+    silently mean no dropout, a rate of 1 a layer that outputs only zeros)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return dropout
+
+
 class MLP(nn.Module):
     """Linear layers with an activation (and optional dropout / layer norm) between them.
 
@@ -127,6 +135,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         self.act = activation_fn(activation)
+        self.dropout = check_dropout(dropout)
         self.layers = nn.ModuleList()
         self.norms = nn.ModuleList()
         prev = in_dim
@@ -134,7 +143,6 @@ class MLP(nn.Module):
             self.layers.append(nn.Linear(prev, d))
             self.norms.append(nn.LayerNorm(d) if layer_norm else nn.Identity())
             prev = d
-        self.dropout = dropout
         self.last_activation = last_activation
         self.out_dim = prev
 
@@ -191,7 +199,7 @@ class ParallelMLP(nn.Module):
         self.shared_input = shared_input
         self.activation = activation
         self.act = activation_fn(activation)
-        self.dropout = dropout
+        self.dropout = check_dropout(dropout)
         self.layer_norm = layer_norm
         self.last_activation = last_activation
         self.weights = nn.ParameterList()

@@ -1,0 +1,250 @@
+"""Tests that kill the mutants of ``mtlrec.nn.mlp`` the rest of the suite let live, each against
+an independent float64 computation or a documented property: the default activation and the
+layer norm of :class:`MLP` and :class:`ParallelMLP` against plain per-member loops, dropout in
+training (every element zeroed or rescaled by ``1 / (1 - p)``), the recorded widths, the
+empty-``dims`` error message, the in-place relu of the bank, when the fused relu-then-linear
+Function is used, and gradients under ``torch.func`` transforms (where it must not be)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import mtlrec.nn.mlp as mlp_module
+from mtlrec.nn.mlp import MLP, ParallelMLP
+
+F64 = torch.float64
+EPS = 1e-5  # nn.LayerNorm / F.layer_norm default
+
+
+def _layer_norm(h: Tensor) -> Tensor:
+    """Layer norm over the last dim without affine parameters: biased variance, eps 1e-5."""
+    mean = h.mean(-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(-1, keepdim=True)
+    return (h - mean) / torch.sqrt(var + EPS)
+
+
+def _member_reference(
+    bank: ParallelMLP, x: Tensor, k: int, *, layer_norm: bool, last_activation: bool
+) -> Tensor:
+    """Member ``k`` of a relu bank, one layer at a time, from the documented weight layout:
+    a shared first layer keeps member k in columns ``[k*d:(k+1)*d]``, the others are
+    ``[num, in, out]`` / ``[num, 1, out]``."""
+    weights, biases = list(bank.weights), list(bank.biases)
+    h = x if bank.shared_input else x[k]
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        if i == 0 and bank.shared_input:
+            d = bank.dims[0]
+            h = h @ w[:, k * d : (k + 1) * d] + b[k * d : (k + 1) * d]
+        else:
+            h = h @ w[k] + b[k, 0]
+        if i < len(weights) - 1 or last_activation:
+            if layer_norm:
+                h = _layer_norm(h)
+            h = torch.clamp(h, min=0.0)
+    return h
+
+
+# -- MLP -----------------------------------------------------------------------------------------
+def test_mlp_default_activation_is_relu() -> None:
+    torch.manual_seed(0)
+    net = MLP(4, [7]).to(F64)
+    x = torch.randn(9, 4, dtype=F64)
+    lin = net.layers[0]
+    ref = torch.clamp(x @ lin.weight.T + lin.bias, min=0.0)
+    assert torch.allclose(net(x), ref)
+    assert (ref == 0).any() and (ref > 0).any()  # the relu really cut something
+
+
+def test_mlp_layer_norm_is_applied_before_each_activation() -> None:
+    torch.manual_seed(1)
+    net = MLP(4, [6, 5], layer_norm=True).to(F64)
+    assert all(isinstance(n, torch.nn.LayerNorm) for n in net.norms)
+    # fresh LayerNorm: weight 1, bias 0, so the plain normalisation is the reference
+    x = torch.randn(8, 4, dtype=F64) * 3.0 + 2.0
+    h = x
+    for lin in net.layers:
+        h = torch.clamp(_layer_norm(h @ lin.weight.T + lin.bias), min=0.0)
+    assert torch.allclose(net(x), h)
+
+
+def test_mlp_out_dim_is_the_last_width_or_the_input_width() -> None:
+    assert MLP(4, [6, 5]).out_dim == 5
+    empty = MLP(4, [])
+    assert empty.out_dim == 4
+    x = torch.randn(3, 4)
+    assert torch.equal(empty(x), x)  # identity when dims is empty
+
+
+def _check_dropout(out: Tensor, ref: Tensor, p: float) -> None:
+    """Inverted dropout: every element is 0 or ``ref / (1 - p)``, about a fraction p zeroed."""
+    kept = out != 0
+    assert torch.allclose(out[kept], ref[kept] / (1.0 - p))
+    frac = 1.0 - kept.double().mean().item()
+    assert 0.35 < frac < 0.65, frac
+
+
+def test_mlp_dropout_in_training_zeroes_or_rescales() -> None:
+    torch.manual_seed(2)
+    p = 0.5
+    net = MLP(8, [64], activation="sigmoid", dropout=p).to(F64)  # sigmoid > 0: no zero in ref
+    x = torch.randn(32, 8, dtype=F64)
+    lin = net.layers[0]
+    ref = torch.sigmoid(x @ lin.weight.T + lin.bias)
+    net.train()
+    _check_dropout(net(x), ref, p)
+    net.eval()
+    assert torch.allclose(net(x), ref)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_mlp_and_parallel_mlp_refuse_a_dropout_rate_outside_0_1(rate: float) -> None:
+    # a negative rate used to be accepted and silently ignored (no dropout); 1 zeroes every unit
+    msg = rf"^dropout must be in \[0, 1\), got {rate}$"
+    with pytest.raises(ValueError, match=msg):
+        MLP(3, [4], dropout=rate)
+    with pytest.raises(ValueError, match=msg):
+        ParallelMLP(2, 3, [4], dropout=rate)
+
+
+# -- ParallelMLP -----------------------------------------------------------------------------------
+def test_parallel_mlp_without_layers_says_so() -> None:
+    with pytest.raises(ValueError, match=r"^ParallelMLP needs at least one layer$"):
+        ParallelMLP(3, 4, [])
+
+
+def test_parallel_mlp_records_its_widths() -> None:
+    bank = ParallelMLP(3, 4, [6, 5])
+    assert (bank.num, bank.in_dim, bank.dims, bank.out_dim) == (3, 4, (6, 5), 5)
+    assert ParallelMLP(2, 7, [9], shared_input=False).out_dim == 9
+
+
+@pytest.mark.parametrize("dims", [[6], [6, 5]])
+@pytest.mark.parametrize("last_activation", [True, False])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_parallel_mlp_layer_norm_matches_per_member_reference(
+    dims: list[int], last_activation: bool, shared_input: bool
+) -> None:
+    torch.manual_seed(3)
+    num, bsz = 3, 5
+    bank = ParallelMLP(
+        num, 4, dims, shared_input=shared_input, layer_norm=True, last_activation=last_activation
+    ).to(F64)
+    x = torch.randn(bsz, 4, dtype=F64) if shared_input else torch.randn(num, bsz, 4, dtype=F64)
+    out = bank(x)
+    assert out.shape == (num, bsz, dims[-1])
+    for k in range(num):
+        ref = _member_reference(bank, x, k, layer_norm=True, last_activation=last_activation)
+        assert torch.allclose(out[k], ref), k
+    if not last_activation:
+        assert (out < 0).any()  # the raw last layer is neither normalised nor activated
+
+
+def test_parallel_mlp_dropout_in_training_zeroes_or_rescales() -> None:
+    torch.manual_seed(4)
+    p = 0.5
+    bank = ParallelMLP(3, 8, [32], shared_input=False, activation="sigmoid", dropout=p).to(F64)
+    x = torch.randn(3, 16, 8, dtype=F64)
+    ref = torch.sigmoid(torch.baddbmm(bank.biases[0], x, bank.weights[0]))
+    bank.train()
+    _check_dropout(bank(x), ref, p)
+    bank.eval()
+    assert torch.allclose(bank(x), ref)
+
+
+@pytest.mark.parametrize(
+    ("dims", "shared_input"), [([6], True), ([6], False), ([6, 5], True), ([6, 5], False)]
+)
+def test_parallel_mlp_relu_runs_in_place_on_the_matmul_result(
+    dims: list[int], shared_input: bool
+) -> None:
+    # the relu of the bank is torch.relu_ on the fresh matmul output (no second activation
+    # buffer): the returned tensor is that buffer, so its version counter has been bumped
+    torch.manual_seed(5)
+    bank = ParallelMLP(3, 4, dims, shared_input=shared_input)
+    x = torch.randn(5, 4) if shared_input else torch.randn(3, 5, 4)
+    out = bank(x)
+    assert out._version > 0
+    for k in range(3):
+        ref = _member_reference(bank, x, k, layer_norm=False, last_activation=True)
+        assert torch.allclose(out[k], ref, atol=1e-6)
+
+
+def _count_fused(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = mlp_module._ReluThenMemberLinear.apply
+
+    def spy(*args: object) -> object:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(mlp_module._ReluThenMemberLinear, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dims", [[6, 5], [6, 5, 4]])
+def test_fused_relu_linear_is_used_for_eligible_banks(
+    monkeypatch: pytest.MonkeyPatch, dims: list[int]
+) -> None:
+    # shared input, >= 2 layers, relu, no layer norm, no dropout, autograd on: the fused path
+    calls = _count_fused(monkeypatch)
+    torch.manual_seed(6)
+    bank = ParallelMLP(3, 4, dims).to(F64)
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    out = bank(x)
+    assert len(calls) == 1
+    # same values and gradients as the per-member reference
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in bank.parameters()]
+    x.grad = None
+    bank.zero_grad()
+    ref = torch.stack(
+        [_member_reference(bank, x, k, layer_norm=False, last_activation=True) for k in range(3)]
+    )
+    assert torch.allclose(out, ref)
+    (ref * w).sum().backward()
+    want = [x.grad] + [p.grad for p in bank.parameters()]
+    for g, r in zip(got, want, strict=True):
+        assert torch.allclose(g, r)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dims": [6]},
+        {"dims": [6, 5], "shared_input": False},
+        {"dims": [6, 5], "activation": "gelu"},
+        {"dims": [6, 5], "layer_norm": True},
+        {"dims": [6, 5], "dropout": 0.1},
+    ],
+)
+def test_fused_relu_linear_is_not_used_for_other_banks(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict
+) -> None:
+    calls = _count_fused(monkeypatch)
+    dims = kwargs.pop("dims")
+    bank = ParallelMLP(3, 4, dims, **kwargs)
+    x = torch.randn(5, 4) if bank.shared_input else torch.randn(3, 5, 4)
+    bank(x)
+    with torch.no_grad():  # eligible bank, but no autograd: nothing to fuse for
+        ParallelMLP(3, 4, [6, 5])(torch.randn(5, 4))
+    assert calls == []
+
+
+def test_parallel_mlp_gradients_under_torch_func_match_autograd() -> None:
+    # the fused Function has no vmap / functorch rule: under torch.func.grad the bank must take
+    # the plain ops and give the same gradients as ordinary autograd (which takes the fused path)
+    torch.manual_seed(7)
+    bank = ParallelMLP(3, 4, [6, 5]).to(F64)
+    x = torch.randn(5, 4, dtype=F64)
+    params = {k: v.detach() for k, v in bank.named_parameters()}
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        return (torch.func.functional_call(bank, p, (x,)) ** 2).sum()
+
+    grads = torch.func.grad(loss)(params)
+    (bank(x) ** 2).sum().backward()
+    for name, p in bank.named_parameters():
+        assert torch.allclose(grads[name], p.grad), name
