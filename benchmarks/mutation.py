@@ -437,10 +437,21 @@ def _selection(ws: Path) -> list[str]:
     return list(cfg.get("pytest_add_cli_args_test_selection", []))
 
 
+def _source_module(name: str) -> str:
+    """The dotted module of a mutant (``pkg.mod.x_f__mutmut_3`` -> ``pkg.mod``)."""
+    return name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[0]
+
+
+def _names(text: str, module: str) -> bool:
+    """Whether a test file's text names the dotted ``module`` (``mtlrec.models.esm2`` is not
+    ``mtlrec.models.esm``)."""
+    return re.search(re.escape(module) + r"(?![\w])", text) is not None
+
+
 def _file_of(name: str) -> str:
     """The source file of a mutant (``pkg.mod.x_f__mutmut_3`` -> ``src/pkg/mod.py``, or
     ``src/pkg/mod/__init__.py`` for a package)."""
-    path = "src/" + name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[0].replace(".", "/")
+    path = "src/" + _source_module(name).replace(".", "/")
     return path + "/__init__.py" if (ROOT / path).is_dir() else path + ".py"
 
 
@@ -473,12 +484,17 @@ def _differs(a: Path, b: Path) -> bool:
 # child per mutant (as mutmut's fork server does: no test has run in the parent) that switches
 # the mutant on (mutmut's trampolines read MUTANT_UNDER_TEST at call time) and runs the files.
 _RECHECK_DRIVER = """
-import importlib, os, sys
+import importlib, json, os, sys
 import pytest
 for m in sys.argv[1].split(","):
     importlib.import_module(m)
-files = sys.argv[2].split(",")
+with open(sys.argv[2], encoding="utf-8") as fh:
+    plan = json.load(fh)  # mutant -> the test files to run
 for name in sys.argv[3:]:
+    files = plan[name]
+    if not files:
+        print("RESULT", name, 0, flush=True)
+        continue
     pid = os.fork()
     if pid == 0:
         os.environ["MUTANT_UNDER_TEST"] = name
@@ -500,9 +516,13 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
     ``test_mutation_<module>*.py`` file, a file added to ``MODULES``) would otherwise cost a
     full run. A survivor passed every test of the run's selection; here each one runs only
     the test files that were not in it or changed since (copied from the checkout into the
-    workspace's mutated tree, ``-x``), and a failure kills it. The module's source must be
-    the one that was mutated. The same files must pass with no mutant first, or
-    nothing is rechecked. Returns the files used; the survivors' statuses are updated.
+    workspace's mutated tree, ``-x``), and a failure kills it. The module's own
+    ``test_mutation_*`` files run only for the mutants of the source modules they name (e.g.
+    ``mtlrec.nn.gates``): a file that reaches a module only indirectly may kill some of its
+    mutants, which the score then leaves alive (it errs low, never high), and the recheck stays
+    within minutes instead of running every file for every survivor. The module's source must
+    be the one that was mutated. The same files must pass with no mutant first, or nothing is
+    rechecked. Returns the files used; the survivors' statuses are updated.
     """
     changed = {f for f in result.files if _differs(ROOT / f, ws / f)}
     if changed:  # its mutants were made from another source: their verdicts stand as they are
@@ -546,9 +566,17 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
         f[len("src/") : -len(".py")].replace("/", ".").removesuffix(".__init__")
         for f in result.files
     ]
+    own = set(own_tests(module))
+    texts = {t: (ROOT / t).read_text(encoding="utf-8") for t in new if t in own}
+    plan = {
+        s.name: [t for t in new if t not in own or _names(texts[t], _source_module(s.name))]
+        for s in todo
+    }
+    plan_file = tree / "recheck-plan.json"  # a file: one argument is limited to 128 KiB
+    plan_file.write_text(json.dumps(plan), encoding="utf-8")
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _RECHECK_DRIVER, ",".join(imports), ",".join(new)]
+            [sys.executable, "-c", _RECHECK_DRIVER, ",".join(imports), str(plan_file)]
             + [s.name for s in todo[i::max_children]],
             cwd=tree,
             env=env,

@@ -192,3 +192,49 @@ def test_recheck_kills_survivors_with_the_tests_written_since_the_run(
     assert res.error is None
     assert res.notes == ["not rechecked, changed since the run (run again): src/pkg/m.py"]
     assert res.counts == {"survived": 2}
+
+
+def test_recheck_runs_an_own_file_only_for_the_modules_it_names(
+    mutation: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, ws = tmp_path / "root", tmp_path / "ws"
+    _fake_run(root, ws)
+    # a second own file would kill g too, but reaches pkg.m only through `from pkg import m`:
+    # it is not run for pkg.m's mutants, so g stays alive (the score errs low, never high)
+    (root / "tests/unit/test_mutation_mod_indirect.py").write_text(
+        "from pkg import m\n\n\ndef test_g():\n    assert isinstance(m.g(1), int)\n"
+    )
+    monkeypatch.setattr(mutation, "ROOT", root)
+    module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
+    monkeypatch.setitem(mutation.MODULES, "mod", module)
+    res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
+    res.survivors = [
+        mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
+        for fn in ("f", "g")
+    ]
+    res.statuses = {s.name: "survived" for s in res.survivors}
+    used = mutation.recheck(ws, "mod", res)
+    assert used == ["tests/unit/test_mutation_mod.py", "tests/unit/test_mutation_mod_indirect.py"]
+    assert res.error is None
+    assert [s.name for s in res.survivors] == ["pkg.m.x_g__mutmut_1"]
+    # the same file naming the module kills it
+    (root / "tests/unit/test_mutation_mod_indirect.py").write_text(
+        "import pkg.m as m\n\n\ndef test_g():\n    assert isinstance(m.g(1), int)\n"
+    )
+    res.survivors = [
+        mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
+        for fn in ("f", "g")
+    ]
+    res.counts = {"survived": 2}
+    res.statuses = {s.name: "survived" for s in res.survivors}
+    mutation.recheck(ws, "mod", res)
+    assert res.survivors == []
+    assert res.counts == {"survived": 0, "killed": 2}
+
+
+def test_a_file_names_a_module_only_as_a_whole_dotted_name(mutation: ModuleType) -> None:
+    text = "from mtlrec.models.esm2 import ESM2\nimport mtlrec.nn.mlp as m\n"
+    assert mutation._names(text, "mtlrec.models.esm2")
+    assert not mutation._names(text, "mtlrec.models.esm")
+    assert mutation._names(text, "mtlrec.nn.mlp")
+    assert not mutation._names(text, "mtlrec.nn.ml")
