@@ -248,3 +248,132 @@ def test_parallel_mlp_gradients_under_torch_func_match_autograd() -> None:
     (bank(x) ** 2).sum().backward()
     for name, p in bank.named_parameters():
         assert torch.allclose(grads[name], p.grad), name
+
+
+# -- the fused relu-then-linear Function's backward ------------------------------------------------
+def _fused_inputs(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x [B, in], the first layer (w0 [in, n*d], b0 [n*d]) and the members' second layer
+    (w [n, d, o], b [n, 1, o]) for n = 3 members, d = 4, o = 2, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5, 3), (3, 12), (12,), (3, 4, 2), (3, 1, 2)]
+    return tuple(torch.randn(*s, generator=g, dtype=F64, requires_grad=True) for s in shapes)  # type: ignore[return-value]
+
+
+def _fused_reference(
+    x: Tensor, w0: Tensor, b0: Tensor, w: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Plain autograd ops: r = relu(x w0 + b0) (the Function's second output), and each
+    member's ``r_k w_k + b_k`` (its first)."""
+    r = torch.relu(x @ w0 + b0)
+    out = torch.stack([r[:, 4 * k : 4 * k + 4] @ w[k] + b[k] for k in range(3)])
+    return out, r
+
+
+def _losses(out: Tensor, r: Tensor, use: str) -> Tensor:
+    """Three scalar losses reading the Function's outputs as ``use`` says."""
+    g = torch.Generator().manual_seed(11)
+    c_out = torch.randn(3, *out.shape, generator=g, dtype=F64)
+    c_r = torch.randn(3, *r.shape, generator=g, dtype=F64)
+    terms = []
+    for i in range(3):
+        t = out.new_zeros(())
+        if use in ("out", "both"):
+            t = t + (out * c_out[i]).sum()
+        if use in ("h", "both"):
+            t = t + (r * c_r[i]).sum()
+        terms.append(t)
+    return torch.stack(terms)
+
+
+@pytest.mark.parametrize("frozen", [(), ("w",), ("x", "w0", "b0")])
+@pytest.mark.parametrize("use", ["out", "h", "both"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_function_gradients_match_plain_autograd(
+    use: str, batched: bool, frozen: tuple[str, ...]
+) -> None:
+    # the Function returns (out, h): the bank reads only out, but its backward also takes h's
+    # own gradient (added before the relu mask) and must leave w, b without one when only h is
+    # read; per-loss gradients (is_grads_batched) take its vmap-friendly branch; an input that
+    # needs no gradient (a frozen w, or an h made from frozen tensors) must not stop the others
+    fn = mlp_module._ReluThenMemberLinear
+    leaves = _fused_inputs(3)
+    for name, t in zip(("x", "w0", "b0", "w", "b"), leaves, strict=True):
+        t.requires_grad_(name not in frozen)
+    x, w0, b0, w, b = leaves
+    out, h = fn.apply(torch.addmm(b0, x, w0), w, b, 3)
+    got_losses = _losses(out, h, use)
+    ref_leaves = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in leaves)
+    want_losses = _losses(*_fused_reference(*ref_leaves), use)
+    assert torch.allclose(got_losses, want_losses)
+    names = [n for n, t in zip(("x", "w0", "b0", "w", "b"), leaves, strict=True) if t.requires_grad]
+    live = [t for t in leaves if t.requires_grad]
+    ref_live = [t for t in ref_leaves if t.requires_grad]
+    if not want_losses.requires_grad:  # only h read, and h made from frozen tensors: the
+        # Function's outputs still require grad (w and b do), but no gradient reaches w or b
+        got = torch.autograd.grad(got_losses.sum(), live, allow_unused=True)
+        assert all(g is None for g in got)
+        return
+    if batched:
+        eye = torch.eye(3, dtype=F64)
+        got = torch.autograd.grad(got_losses, live, eye, is_grads_batched=True, allow_unused=True)
+        want = torch.autograd.grad(
+            want_losses, ref_live, eye, is_grads_batched=True, allow_unused=True
+        )
+    else:
+        got = torch.autograd.grad(got_losses.sum(), live, allow_unused=True)
+        want = torch.autograd.grad(want_losses.sum(), ref_live, allow_unused=True)
+    for name, g, r in zip(names, got, want, strict=True):
+        if r is None:  # only h read: the second layer gets no gradient at all
+            assert g is None, name
+        else:
+            assert g is not None and torch.allclose(g, r), name
+
+
+@pytest.mark.parametrize("frozen", ["w", "b", "w and b"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_bank_with_a_frozen_second_layer_still_trains_the_rest(
+    frozen: str, batched: bool
+) -> None:
+    # a frozen second-layer weight or bias must not stop the gradients of the other tensors
+    torch.manual_seed(12)
+    bank = ParallelMLP(3, 4, [6, 5]).to(F64)
+    if "w" in frozen:
+        bank.weights[1].requires_grad_(False)
+    if "b" in frozen:
+        bank.biases[1].requires_grad_(False)
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    trainable = [x] + [p for p in bank.parameters() if p.requires_grad]
+    out = bank(x)
+    ref = torch.stack(
+        [_member_reference(bank, x, k, layer_norm=False, last_activation=True) for k in range(3)]
+    )
+    c = torch.randn(2, *out.shape, dtype=F64)
+    got_l = torch.stack([(out * c[0]).sum(), (out**2 * c[1]).sum()])
+    want_l = torch.stack([(ref * c[0]).sum(), (ref**2 * c[1]).sum()])
+    if batched:
+        eye = torch.eye(2, dtype=F64)
+        got = torch.autograd.grad(got_l, trainable, eye, is_grads_batched=True)
+        want = torch.autograd.grad(want_l, trainable, eye, is_grads_batched=True)
+    else:
+        got = torch.autograd.grad(got_l.sum(), trainable)
+        want = torch.autograd.grad(want_l.sum(), trainable)
+    for g, r in zip(got, want, strict=True):
+        assert torch.allclose(g, r)
+
+
+def test_fused_bank_backward_under_bf16_autocast() -> None:
+    # autocast runs the forward in bf16 while the saved weight stays float32: the backward
+    # casts it, and the gradients agree with float32 ones to bf16 precision
+    torch.manual_seed(13)
+    bank = ParallelMLP(3, 8, [16, 8])
+    x = torch.randn(32, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bank(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    got = [p.grad.clone() for p in bank.parameters()]
+    bank.zero_grad()
+    bank(x).sum().backward()
+    for g, r in zip(got, (p.grad for p in bank.parameters()), strict=True):
+        assert g.dtype == torch.float32
+        assert torch.allclose(g, r, rtol=0.05, atol=0.05 * r.abs().max().item())
