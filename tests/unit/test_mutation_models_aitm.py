@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from _model_refs import mlp_ref
 from torch import Tensor, nn
 
 from mtlrec.batch import Features
@@ -78,17 +79,6 @@ def _features() -> Features:
     return _data()[1].features_at(slice(0, N))
 
 
-def _mlp_ref(mlp: nn.Module, x: Tensor, act: Callable[[Tensor], Tensor], last: bool) -> Tensor:
-    """An :class:`MLP` (no dropout) with plain matmuls: ``act(x W^T + b)`` per layer, the last
-    one activated only when ``last``."""
-    n = len(mlp.layers)
-    for i, lin in enumerate(mlp.layers):
-        x = x @ lin.weight.T + lin.bias
-        if i < n - 1 or last:
-            x = act(x)
-    return x
-
-
 def _parallel_ref(net: nn.Module, x: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """A shared-input :class:`ParallelMLP` (every layer activated, no dropout), member by member:
     the first layer's member m owns the columns ``[m*d, (m+1)*d)`` of the fused weight, the
@@ -147,7 +137,7 @@ def test_aitm_forward_is_towers_then_transfers_then_heads() -> None:
         # the heads have the hidden layer asked for, then the width-1 logit
         assert [lin.out_features for lin in model.heads.towers[t].layers] == [3, 1]
         torch.testing.assert_close(out.tower_inputs[t], z[t])
-        logit = _mlp_ref(model.heads.towers[t], z[t], torch.tanh, last=False).squeeze(-1)
+        logit = mlp_ref(model.heads.towers[t], z[t], torch.tanh, last=False).squeeze(-1)
         torch.testing.assert_close(out.logits[t], logit)
     assert set(out.gates) == set(gates)
     for g, w in gates.items():
@@ -218,9 +208,9 @@ def test_single_task_forward_is_bottom_then_tower_per_task() -> None:
             assert [lin.out_features for lin in bottom.layers] == [6, 5]
             assert [lin.out_features for lin in model.heads.towers[t].layers] == [3, 1]
             emb = model.embeddings[t](feats).flat
-            rep = _mlp_ref(bottom, emb, torch.tanh, last=True)  # every bottom layer activated
+            rep = mlp_ref(bottom, emb, torch.tanh, last=True)  # every bottom layer activated
             torch.testing.assert_close(out.tower_inputs[t], rep)
-            logit = _mlp_ref(model.heads.towers[t], rep, torch.tanh, last=False).squeeze(-1)
+            logit = mlp_ref(model.heads.towers[t], rep, torch.tanh, last=False).squeeze(-1)
             torch.testing.assert_close(out.logits[t], logit)
 
 

@@ -9,7 +9,6 @@ and its last shared layer."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -17,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from torch import Tensor, nn
+from _model_refs import mlp_ref
+from torch import nn
 
 from mtlrec.batch import Features
 from mtlrec.data.preprocess import Preprocessor
@@ -92,17 +92,6 @@ def _features() -> Features:
     return _pre(False).encode(_table()).features_at(slice(0, N))
 
 
-def _mlp_ref(mlp: nn.Module, x: Tensor, act: Callable[[Tensor], Tensor], last: bool) -> Tensor:
-    """An :class:`MLP` (no dropout) with plain matmuls: ``act(x W^T + b)`` per layer, the last
-    one activated only when ``last``."""
-    n = len(mlp.layers)
-    for i, lin in enumerate(mlp.layers):
-        x = x @ lin.weight.T + lin.bias
-        if i < n - 1 or last:
-            x = act(x)
-    return x
-
-
 def _ids(params: list[nn.Parameter]) -> set[int]:
     return {id(p) for p in params}
 
@@ -122,8 +111,8 @@ def test_shared_bottom_forward_is_bottom_then_four_towers_then_entire_space_prod
     with torch.no_grad():
         out = model(feats)
         emb = model.embedding(feats).flat
-        h = _mlp_ref(model.bottom, emb, torch.tanh, last=True)
-        z = {t: _mlp_ref(model.heads.towers[t], h, torch.tanh, last=False) for t in FOUR}
+        h = mlp_ref(model.bottom, emb, torch.tanh, last=True)
+        z = {t: mlp_ref(model.heads.towers[t], h, torch.tanh, last=False) for t in FOUR}
     assert isinstance(model.bottom, MLP)
     assert model.bottom.layers[0].in_features == emb.shape[1]
     assert [lin.out_features for lin in model.bottom.layers] == [8, 7, 5]
@@ -159,7 +148,7 @@ def test_embedding_base_towers_read_the_embedding_and_report_it() -> None:
     assert set(out.tower_inputs) == {"ctr", "like"}
     for t in ("ctr", "like"):
         torch.testing.assert_close(out.tower_inputs[t], emb)
-        ref = _mlp_ref(model.heads.towers[t], emb, torch.tanh, last=False).squeeze(-1)
+        ref = mlp_ref(model.heads.towers[t], emb, torch.tanh, last=False).squeeze(-1)
         torch.testing.assert_close(out.logits[t], ref)
 
 

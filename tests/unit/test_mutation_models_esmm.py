@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from _model_refs import mlp_ref
 from torch import Tensor, nn
 
 from mtlrec.batch import Features
@@ -55,14 +56,10 @@ def _funnel_plus_watch(funnel) -> Schema:
 
 # -- references -----------------------------------------------------------------------------
 def _mlp_ref(mlp: MLP, x: Tensor, widths: tuple[int, ...], act, last_act: bool) -> Tensor:
-    """``mlp`` as linear layers of widths ``widths`` with ``act`` after each (the last only
-    when ``last_act``), computed from its weights."""
+    """``mlp`` as linear layers of widths ``widths`` (checked) with ``act`` after each (the last
+    only when ``last_act``), computed from its weights."""
     assert [lin.out_features for lin in mlp.layers] == list(widths)
-    for i, lin in enumerate(mlp.layers):
-        x = x @ lin.weight.T + lin.bias
-        if last_act or i < len(mlp.layers) - 1:
-            x = act(x)
-    return x
+    return mlp_ref(mlp, x, act, last_act)
 
 
 def _zero_fraction(x: Tensor) -> float:

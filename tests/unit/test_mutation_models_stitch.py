@@ -13,12 +13,13 @@ import re
 
 import pytest
 import torch
+from _model_refs import mlp_ref
 from torch import Tensor, nn
 
 from mtlrec.batch import Features
 from mtlrec.errors import ConfigError
 from mtlrec.models import build_model
-from mtlrec.nn.mlp import MLP, ParallelMLP
+from mtlrec.nn.mlp import ParallelMLP
 from mtlrec.testing import tiny_dataset
 
 TASKS = ("click", "watch")
@@ -32,19 +33,9 @@ def _build(name: str, seed: int = 0, n: int = 32, **params: object):
     return model, ds.features_at(slice(0, 12))
 
 
-def _mlp_ref(mlp: MLP, x: Tensor, act, last_activation: bool) -> Tensor:
-    """An :class:`MLP` layer by layer from its linear layers (no dropout)."""
-    n = len(mlp.layers)
-    for i, lin in enumerate(mlp.layers):
-        x = x @ lin.weight.T + lin.bias
-        if i < n - 1 or last_activation:
-            x = act(x)
-    return x
-
-
 def _gate_ref(gate: nn.Module, x: Tensor, act, temperature: float = 1.0) -> Tensor:
     """A softmax gate: ``softmax(MLP(x) / temperature)`` over the experts."""
-    return torch.softmax(_mlp_ref(gate.net, x, act, last_activation=False) / temperature, -1)
+    return torch.softmax(mlp_ref(gate.net, x, act, last=False) / temperature, -1)
 
 
 def _member_ref(bank: ParallelMLP, x: Tensor, k: int, act) -> Tensor:
