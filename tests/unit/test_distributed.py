@@ -316,3 +316,62 @@ def test_launch_survives_a_port_taken_by_another_process(
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs_run"] == 1
+
+
+_GROUP_THREADS = """
+import os, sys, torch
+import torch.distributed as dist
+from mtlrec.train import distributed as ddp
+
+ddp.init_from_env()
+torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])  # the first optimizer imports torch._dynamo
+x = torch.ones(2)
+dist.all_reduce(x)
+ddp.shutdown(synchronize=True)
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads:", sorted(n for n in names if "gloo" in n), flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_shutdown_leaves_no_group_thread_running_after_an_optimizer_was_built(
+    tmp_path: Path,
+) -> None:
+    """A process group still referenced after ``destroy_process_group`` keeps its gloo threads
+    until the interpreter's teardown, where one of them can abort a run that succeeded
+    ("terminate called without an active exception"). torch.optim imports torch._dynamo when
+    the first optimizer is built, and that import, made while a group exists, keeps the group:
+    after ``shutdown`` no gloo thread may be left."""
+    import os
+    import subprocess
+    import sys
+
+    import mtlrec.train.distributed as ddp
+
+    store = ddp.host_store(2, timeout=60.0)
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(store.port),
+            TORCHELASTIC_USE_AGENT_STORE="True",
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _GROUP_THREADS],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+        assert "gloo threads: []" in out, out

@@ -110,8 +110,21 @@ def init_from_env(backend: str | None = None) -> DistContext | None:
         )
     backend = backend or os.environ.get("MTLREC_DIST_BACKEND", "gloo")
     if not dist.is_initialized():
+        import_dynamo_before_group()
         dist.init_process_group(backend=backend)
     return DistContext(dist.get_rank(), dist.get_world_size(), backend)
+
+
+def import_dynamo_before_group() -> None:
+    """Import ``torch._dynamo`` now, before this process makes its process group.
+
+    torch.optim imports it when the first optimizer is built. Imported while a group exists
+    (torch 2.13), it keeps references to the default group, so ``destroy_process_group`` no
+    longer frees it: the group's gloo threads run on until the interpreter's teardown, where
+    one of them now and then aborts a process whose run succeeded ("terminate called without
+    an active exception", exit status 1). Imported first, it sees no group to keep.
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def shutdown(*, synchronize: bool = False) -> None:

@@ -65,6 +65,7 @@ from mtlrec.train.distributed import (
     average_gradients,
     comm_device,
     global_count_reducer,
+    import_dynamo_before_group,
 )
 from mtlrec.train.optimizers import make_optimizer
 from mtlrec.train.placement import float_output, move_features, resolve_device
@@ -86,6 +87,7 @@ def local_context(device: torch.device) -> DistContext:
     one-process group (TorchRec's sharded modules need a process group even alone)."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        import_dynamo_before_group()
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistContext(dist.get_rank(), dist.get_world_size(), dist.get_backend())
 
