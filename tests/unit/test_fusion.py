@@ -220,7 +220,7 @@ def test_isotonic_matches_sklearn() -> None:
     assert np.all(np.diff(cal(np.linspace(0, 1, 50))) >= 0)
 
 
-def test_platt_matches_logistic_regression() -> None:
+def test_platt_matches_logistic_regression_on_platts_targets() -> None:
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(0)
@@ -228,9 +228,14 @@ def test_platt_matches_logistic_regression() -> None:
     z = np.log(p / (1 - p))
     y = (rng.random(5000) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(float)
     cal = Calibration.fit(p, y, "platt")
-    lr = LogisticRegression(C=1e8, tol=1e-10, max_iter=1000).fit(z[:, None], y)
-    assert cal.a == pytest.approx(lr.coef_[0, 0], abs=1e-3)
-    assert cal.b == pytest.approx(lr.intercept_[0], abs=1e-3)
+    # Platt's targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2) as soft labels: each row once as a
+    # positive with weight t and once as a negative with weight 1 - t
+    pos, neg = y.sum(), (1 - y).sum()
+    t = np.where(y == 1, (pos + 1) / (pos + 2), 1 / (neg + 2))
+    zz, yy, ww = np.concatenate([z, z]), np.repeat([1.0, 0.0], len(z)), np.concatenate([t, 1 - t])
+    lr = LogisticRegression(C=1e8, tol=1e-10, max_iter=1000).fit(zz[:, None], yy, ww)
+    assert cal.a == pytest.approx(lr.coef_[0, 0], abs=1e-5)
+    assert cal.b == pytest.approx(lr.intercept_[0], abs=1e-5)
     assert cal.a == pytest.approx(0.5, abs=0.1)
 
 

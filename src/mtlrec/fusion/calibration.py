@@ -7,7 +7,8 @@ scores with another task's mixes scales. Three monotone steps, in this order, ea
   Facebook", ADKDD 2014, Section 6.2): with negatives kept at rate ``r``,
   ``q = p / (p + (1 - p) / r)``;
 - **Platt scaling** (Platt, "Probabilistic Outputs for Support Vector Machines", 1999):
-  ``q = sigmoid(a * logit(p) + b)``, ``a > 0``, fitted by Newton's method on held-out labels;
+  ``q = sigmoid(a * logit(p) + b)``, ``a > 0``, fitted on held-out labels (Platt's smoothed
+  targets, Newton's method with a line search as in Lin, Lin & Weng 2007);
 - **isotonic regression** (Zadrozny & Elkan, KDD 2002) by pool-adjacent-violators (Ayer et al.,
   1955), applied by linear interpolation between the fitted block end points.
 
@@ -44,24 +45,70 @@ def downsample_correction(p: np.ndarray, rate: float) -> np.ndarray:
     return p / (p + (1.0 - p) / rate)
 
 
-def fit_platt(p: np.ndarray, y: np.ndarray, iters: int = 50) -> tuple[float, float]:
-    """Fit ``sigmoid(a * logit(p) + b)`` to 0/1 labels by Newton's method (2 parameters).
+_PLATT_RIDGE = 1e-6
+_MIN_SLOPE = 1e-6
 
-    ``a`` is kept positive (at least 1e-6) so that the map stays increasing.
+
+def _platt_newton(
+    x: np.ndarray, t: np.ndarray, offset: np.ndarray, theta: np.ndarray, iters: int
+) -> np.ndarray:
+    """Minimise ``sum CE(t, sigmoid(offset + x @ theta)) + ridge / 2 * |theta|^2`` (convex) by
+    Newton's method with a backtracking (Armijo) line search, from ``theta``."""
+
+    def objective(th: np.ndarray) -> float:
+        s = offset + x @ th  # -log q = softplus(-s), -log(1 - q) = softplus(s): no overflow
+        loss = t * np.logaddexp(0.0, -s) + (1.0 - t) * np.logaddexp(0.0, s)
+        return float(loss.sum() + 0.5 * _PLATT_RIDGE * th @ th)
+
+    value = objective(theta)
+    for _ in range(iters):
+        q = _sigmoid(offset + x @ theta)
+        g = x.T @ (q - t) + _PLATT_RIDGE * theta  # gradient
+        h = (x * (q * (1 - q))[:, None]).T @ x + _PLATT_RIDGE * np.eye(len(theta))  # Hessian
+        step = np.linalg.solve(h, g)
+        decrease = float(g @ step)  # what a full step promises to first order (h is PD)
+        size = 1.0
+        while True:  # halve the step until the objective decreases enough
+            trial = theta - size * step
+            trial_value = objective(trial)
+            if trial_value <= value - 1e-4 * size * decrease or size < 1e-10:
+                break
+            size *= 0.5
+        moved = float(np.abs(theta - trial).max())
+        theta, value = trial, trial_value
+        if moved < 1e-10:
+            break
+    return theta
+
+
+def fit_platt(p: np.ndarray, y: np.ndarray, iters: int = 100) -> tuple[float, float]:
+    """Fit ``sigmoid(a * logit(p) + b)`` to 0/1 labels ``y`` by Platt's method.
+
+    Platt (1999) fits the sigmoid to smoothed targets, ``(N+ + 1) / (N+ + 2)`` for the ``N+``
+    positives and ``1 / (N- + 2)`` for the ``N-`` negatives, so that labels a score separates
+    perfectly still give a finite slope. The cross-entropy to these targets, plus a ridge
+    ``1e-6 / 2 * (a^2 + b^2)`` that keeps it strictly convex when every score is the same, is
+    minimised by Newton's method with a backtracking line search (Lin, Lin & Weng, "A Note on
+    Platt's Probabilistic Outputs for Support Vector Machines", Machine Learning 2007). The
+    line search makes it converge from any data: a full Newton step can overshoot into the
+    flat tails of the sigmoid, where the Hessian vanishes and the next step runs away. At most
+    ``iters`` steps; it stops when a step moves neither parameter by more than 1e-10.
+
+    ``a`` is kept at least 1e-6 so that the map stays increasing: when the best slope is
+    smaller (scores that rank the labels the wrong way round), the best fit with ``a = 1e-6``
+    is returned (the problem is convex, so that is the best fit with ``a >= 1e-6``).
     """
     z = _logit(np.asarray(p, dtype=np.float64))
     y = np.asarray(y, dtype=np.float64)
+    pos = float(y.sum())
+    t = np.where(y > 0.5, (pos + 1.0) / (pos + 2.0), 1.0 / (y.size - pos + 2.0))  # targets
     x = np.stack([z, np.ones_like(z)], axis=1)  # [N, 2]
-    theta = np.array([1.0, 0.0])
-    for _ in range(iters):
-        q = _sigmoid(x @ theta)
-        g = x.T @ (q - y) + 1e-6 * theta  # gradient of the mean-free log loss (+ tiny L2)
-        h = (x * (q * (1 - q))[:, None]).T @ x + 1e-6 * np.eye(2)  # [2, 2] Hessian
-        step = np.linalg.solve(h, g)
-        theta = theta - step
-        if np.abs(step).max() < 1e-10:
-            break
-    return max(float(theta[0]), 1e-6), float(theta[1])
+    a, b = _platt_newton(x, t, np.zeros_like(z), np.array([1.0, 0.0]), iters)
+    if a >= _MIN_SLOPE:
+        return float(a), float(b)
+    # the slope on its bound: refit the intercept alone
+    (b,) = _platt_newton(x[:, 1:], t, _MIN_SLOPE * z, np.array([b]), iters)
+    return _MIN_SLOPE, float(b)
 
 
 def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

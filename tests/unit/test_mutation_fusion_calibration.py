@@ -1,0 +1,328 @@
+"""Tests that kill the mutants of ``mtlrec.fusion.calibration`` the rest of the suite let live
+(``python benchmarks/mutation.py fusion``), each against an analytic value or an independent
+computation: the down-sampling correction (He et al. 2014) in float64, Platt scaling (the
+first-order optimality condition of the penalised cross-entropy to Platt's targets, the closed
+form for a constant score, float64 logits, inputs where full Newton steps run away, the slope's
+bound, against scipy's bounded L-BFGS-B), pool-adjacent-violators (hand-pooled
+examples, empty and one-row inputs, float64 end points), and ``Calibration``: applying each
+method by its formula, fitting after the correction, keeping the method and the rate, labels
+given as strings, validation messages and the JSON round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from mtlrec.fusion.calibration import (
+    Calibration,
+    downsample_correction,
+    fit_isotonic,
+    fit_platt,
+)
+
+L2 = 1e-6  # the ridge fit_platt adds to the cross-entropy: 0.5 * L2 * ||(a, b)||^2
+
+
+def _platt_targets(y: np.ndarray) -> np.ndarray:
+    """Platt (1999): (N+ + 1) / (N+ + 2) for a positive, 1 / (N- + 2) for a negative."""
+    pos, neg = float((y == 1).sum()), float((y == 0).sum())
+    return np.where(y == 1, (pos + 1) / (pos + 2), 1 / (neg + 2))
+
+
+def _corrected(p: np.ndarray, r: float) -> np.ndarray:
+    """He et al. 2014, Section 6.2: ``q = p / (p + (1 - p) / r)``, in float64."""
+    p = np.asarray(p, dtype=np.float64)
+    return p / (p + (1.0 - p) / r)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p / (1.0 - p))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# -- down-sampling correction ----------------------------------------------------------------
+def test_downsample_correction_computes_in_float64() -> None:
+    # float32 scores must not keep float32 rounding: 0.5 at r = 0.1 is exactly 1/11
+    p = np.array([0.5, 0.2, 0.9], dtype=np.float32)
+    out = downsample_correction(p, 0.1)
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out[0], 1.0 / 11.0, rtol=1e-15)
+    np.testing.assert_allclose(out, _corrected(p.astype(np.float64), 0.1), rtol=1e-15)
+
+
+# -- Platt scaling ---------------------------------------------------------------------------
+def _penalised_gradient(p: np.ndarray, y: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Gradient of ``sum CE(t, sigmoid(a z + b)) + L2/2 (a^2 + b^2)``, ``z = logit p``, ``t``
+    Platt's targets of ``y``."""
+    z = _logit(p)
+    r = _sigmoid(a * z + b) - _platt_targets(y)
+    return np.array([r @ z + L2 * a, r.sum() + L2 * b])
+
+
+def _platt_data(lo: float, hi: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = np.linspace(lo, hi, n)
+    y = (rng.random(n) < p).astype(np.float64)
+    return p, y
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "seed"),
+    [
+        (0.55, 0.75, 0),  # narrow score range: nearly collinear columns, small curvature
+        (0.9, 0.995, 1),  # confident scores: q (1 - q) small, a wrong Hessian slows Newton
+        (0.05, 0.95, 2),
+    ],
+)
+def test_fit_platt_solves_the_penalised_log_loss(lo: float, hi: float, seed: int) -> None:
+    # Newton's method must stop at a stationary point of the documented objective (the
+    # cross-entropy to Platt's targets plus the tiny ridge); a flipped ridge leaves 2e-6 * theta
+    p, y = _platt_data(lo, hi, 24, seed)
+    a, b = fit_platt(p, y)
+    assert a > 1e-3  # inside the constraint a > 0, so the unconstrained condition holds
+    grad = _penalised_gradient(p, y, a, b)
+    assert np.abs(grad).max() < 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def test_fit_platt_closed_form_for_a_constant_score() -> None:
+    # a constant score z0 only identifies a z0 + b = logit(mean t); the ridge picks the
+    # shortest (a, b) on that line: (a, b) = L / (z0^2 + 1) * (z0, 1), L = logit(mean t).
+    # 3 positives and 2 negatives: targets 4/5 and 1/4, mean t = (3 * 0.8 + 2 * 0.25) / 5
+    p = np.full(5, 0.7)
+    y = np.array([1.0, 0.0, 0.0, 1.0, 1.0])
+    z0 = _logit(np.array(0.7))
+    big_l = _logit(np.array(0.58))
+    a, b = fit_platt(p, y)
+    assert a == pytest.approx(big_l * z0 / (z0**2 + 1), rel=1e-4)
+    assert b == pytest.approx(big_l / (z0**2 + 1), rel=1e-4)
+    assert _sigmoid(a * z0 + b) == pytest.approx(0.58, rel=1e-5)
+
+
+def test_fit_platt_uses_float64_logits_for_float32_scores() -> None:
+    # the logits of float32 scores are taken in float64: the same fit as the widened scores
+    p, y = _platt_data(0.05, 0.95, 24, 2)
+    p32 = p.astype(np.float32)
+    a32, b32 = fit_platt(p32, y)
+    a64, b64 = fit_platt(p32.astype(np.float64), y)
+    assert a32 == pytest.approx(a64, rel=1e-12)
+    assert b32 == pytest.approx(b64, rel=1e-12, abs=1e-12)
+
+
+def _scipy_platt(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The same objective minimised by scipy's L-BFGS-B with the bound a >= 1e-6."""
+    from scipy.optimize import minimize
+
+    z, t = _logit(np.clip(p, 1e-7, 1 - 1e-7)), _platt_targets(y)
+
+    def objective(th: np.ndarray) -> float:
+        s = th[0] * z + th[1]
+        ce = t * np.logaddexp(0.0, -s) + (1 - t) * np.logaddexp(0.0, s)
+        return float(ce.sum() + 0.5 * L2 * th @ th)
+
+    options = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000}
+    bounds = [(1e-6, None), (None, None)]
+    return minimize(objective, [1.0, 0.0], method="L-BFGS-B", bounds=bounds, options=options).x
+
+
+@pytest.mark.parametrize(
+    ("p", "y"),
+    [
+        # not separable, and a full Newton step from (1, 0) lands where q (1 - q) is 0: plain
+        # Newton returned a = 6.4e6, b = 1e6 here (the line search keeps it on the optimum)
+        ([0.7027, 0.9438, 0.1268, 0.8648, 0.0595], [1, 1, 1, 0, 0]),
+        ([0.0002, 0.0], [1, 0]),  # plain Newton: a = 1.5e7, b = -1e6
+        ([0.2, 0.9, 0.9, 0.4, 0.99], [0, 1, 1, 0, 1]),  # separable: finite thanks to the targets
+        ([0.5, 0.01], [0, 1]),  # ranked the wrong way round: a on its bound, b refitted
+    ],
+)
+def test_fit_platt_converges_where_full_newton_steps_run_away(p: list, y: list) -> None:
+    p_, y_ = np.array(p), np.array(y, dtype=np.float64)
+    a, b = fit_platt(p_, y_)
+    ref = _scipy_platt(p_, y_)
+    assert a == pytest.approx(ref[0], rel=1e-4, abs=1e-9)
+    assert b == pytest.approx(ref[1], rel=1e-4, abs=1e-6)
+
+
+# -- isotonic regression ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("p", "y", "x_ref", "v_ref"),
+    [
+        # 0.2 -> 0.3 decreases (1 > 0): pooled to 1/2; 0.1 stays its own block
+        ([0.1, 0.2, 0.3], [0, 1, 0], [0.1, 0.1, 0.2, 0.3], [0, 0, 0.5, 0.5]),
+        # already non-decreasing (ties in the means are not violators): nothing is pooled
+        ([0.1, 0.2, 0.3], [0, 0, 1], [0.1, 0.1, 0.2, 0.2, 0.3, 0.3], [0, 0, 0, 0, 1, 1]),
+        # rows of one p are pooled first (means 1/2, 1, 0), then 0.4 -> 0.6 to 1/3, which
+        # makes 0.2 -> [0.4, 0.6] a violator in turn: one block of mean 2/5
+        ([0.2, 0.2, 0.4, 0.6, 0.6], [0, 1, 1, 0, 0], [0.2, 0.6], [0.4, 0.4]),
+        # a single row: the constant fit equal to its label
+        ([0.3], [1], [0.3, 0.3], [1, 1]),
+    ],
+)
+def test_fit_isotonic_pools_by_hand(p: list, y: list, x_ref: list, v_ref: list) -> None:
+    x, v = fit_isotonic(np.array(p), np.array(y, dtype=np.float64))
+    np.testing.assert_allclose(x, x_ref, rtol=1e-15)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-15)
+
+
+def test_fit_isotonic_without_rows_is_the_identity_map() -> None:
+    # no data: calibration must leave every probability as it is (end points (0, 0), (1, 1))
+    x, v = fit_isotonic(np.array([]), np.array([]))
+    grid = np.linspace(0.0, 1.0, 11)
+    np.testing.assert_allclose(np.interp(grid, x, v), grid, rtol=1e-15)
+    assert x.shape == v.shape == (2,)
+    cal = Calibration.fit(np.array([]), np.array([]), "isotonic")
+    np.testing.assert_allclose(cal(grid), grid, rtol=1e-15)
+
+
+def _pav_reference(p: np.ndarray, y: np.ndarray) -> dict[float, float]:
+    """Sequential pool-adjacent-violators (Ayer et al. 1955) over the distinct ``p``, one
+    stack of blocks ``[sum y, rows, distinct values]``: the fitted value at each distinct p."""
+    blocks: list[list] = []
+    for u in np.unique(p):
+        blocks.append([float(y[p == u].sum()), float((p == u).sum()), [float(u)]])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n, us = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+            blocks[-1][2] += us
+    return {u: s / n for s, n, us in blocks for u in us}
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_fit_isotonic_matches_a_sequential_pav(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    p = np.round(rng.random(40), 1)  # ties in p
+    y = (rng.random(40) < 0.5).astype(np.float64)
+    x, v = fit_isotonic(p, y)
+    ref = _pav_reference(p, y)
+    uniq = np.array(sorted(ref))
+    np.testing.assert_allclose(np.interp(uniq, x, v), [ref[u] for u in uniq], rtol=1e-12)
+    # below the smallest and above the largest score the end values are kept
+    np.testing.assert_allclose(np.interp([-1.0, 2.0], x, v), [ref[uniq[0]], ref[uniq[-1]]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_fit_isotonic_returns_float64_end_points(dtype: type) -> None:
+    p = np.array([0, 1, 1, 0, 1], dtype=dtype)
+    y = np.array([0.0, 1.0, 0.0, 1.0, 1.0])
+    x, v = fit_isotonic(p, y)
+    assert x.dtype == np.float64
+    assert v.dtype == np.float64
+    np.testing.assert_allclose(x, [0, 0, 1, 1])
+    np.testing.assert_allclose(v, [0.5, 0.5, 2 / 3, 2 / 3])
+
+
+# -- Calibration -----------------------------------------------------------------------------
+P = np.array([0.02, 0.2, 0.5, 0.7, 0.97])
+
+
+@pytest.mark.parametrize("rate", [None, 0.25])
+def test_platt_calibration_applies_its_formula(rate: float | None) -> None:
+    cal = Calibration(downsample_rate=rate, method="platt", a=1.7, b=-0.4)
+    q = P if rate is None else _corrected(P, rate)
+    np.testing.assert_allclose(cal(P), _sigmoid(1.7 * _logit(q) - 0.4), rtol=1e-12)
+
+
+@pytest.mark.parametrize("rate", [None, 0.5])
+def test_isotonic_calibration_interpolates_its_points(rate: float | None) -> None:
+    # linear interpolation between (0.2, 0.1), (0.4, 0.1), (0.6, 0.7); clipped outside
+    cal = Calibration(downsample_rate=rate, method="isotonic", x=[0.2, 0.4, 0.6], y=[0.1, 0.1, 0.7])
+    q = np.array([0.0, 0.3, 0.5, 0.9])
+    p = q if rate is None else q / (q + (1 - q) * rate)  # so that the correction gives q back
+    np.testing.assert_allclose(cal(p), [0.1, 0.1, 0.4, 0.7], rtol=1e-12)
+
+
+def test_no_calibration_is_the_identity_in_float64() -> None:
+    p32 = np.array([0.1, 0.5, 0.9], dtype=np.float32)
+    out = Calibration()(p32)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, p32.astype(np.float64))
+    out_int = Calibration()([0, 1])
+    assert out_int.dtype == np.float64
+    np.testing.assert_array_equal(out_int, [0.0, 1.0])
+
+
+def test_fit_isotonic_after_the_correction_keeps_the_rate() -> None:
+    # labels already non-decreasing in p: the fit reproduces them at the corrected scores
+    r = 0.5
+    p = np.array([0.2, 0.5, 0.8])
+    y = np.array([0.0, 1.0, 1.0])
+    cal = Calibration.fit(p, y, "isotonic", downsample_rate=r)
+    assert cal.method == "isotonic"
+    assert cal.downsample_rate == r
+    np.testing.assert_allclose(cal.x, np.repeat(_corrected(p, r), 2), rtol=1e-15)
+    np.testing.assert_allclose(cal.y, np.repeat(y, 2))
+    np.testing.assert_allclose(cal(p), y, atol=1e-15)
+
+
+def test_fit_platt_after_the_correction_keeps_the_rate() -> None:
+    r = 0.25
+    p, y = _platt_data(0.05, 0.95, 24, 2)
+    cal = Calibration.fit(p, y, "platt", downsample_rate=r)
+    assert cal.method == "platt"
+    assert cal.downsample_rate == r
+    q = _corrected(p, r)
+    # stationary for the corrected scores (Platt fitted after the correction)
+    grad = _penalised_gradient(q, y, cal.a, cal.b)
+    assert np.abs(grad).max() < 1e-9 * max(1.0, abs(cal.a), abs(cal.b))
+    np.testing.assert_allclose(cal(p), _sigmoid(cal.a * _logit(q) + cal.b), rtol=1e-12)
+
+
+def test_fit_none_only_corrects() -> None:
+    r = 0.1
+    p = np.array([0.1, 0.4, 0.6, 0.9])
+    cal = Calibration.fit(p, np.array([0, 1, 0, 1]), "none", downsample_rate=r)
+    assert cal.method == "none"
+    assert cal.downsample_rate == r
+    np.testing.assert_allclose(cal(p), _corrected(p, r), rtol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_fit_accepts_labels_as_decimal_strings(method: str) -> None:
+    # labels are coerced to float64 (e.g. a text column "0"/"1"): the same fit as numbers
+    p, y = _platt_data(0.05, 0.95, 24, 2)
+    y_str = np.array([str(int(v)) for v in y])
+    got = Calibration.fit(p, y_str, method)  # type: ignore[arg-type]
+    ref = Calibration.fit(p, y, method)  # type: ignore[arg-type]
+    assert got == ref
+
+
+def test_fit_converts_a_score_list_to_float64_element_by_element() -> None:
+    # a Python list is read straight as float64: float() of each entry, so a complex
+    # entry is refused rather than first made a complex array and truncated to its real part
+    with pytest.raises(TypeError, match="complex"):
+        Calibration.fit([0.2 + 0.5j, 0.7], np.array([0.0, 1.0]), "none")  # type: ignore[arg-type]
+    # the same scores as real numbers are fine
+    scores = [0.2, 0.7]
+    cal = Calibration.fit(scores, np.array([0.0, 1.0]), "none", 0.5)  # type: ignore[arg-type]
+    np.testing.assert_allclose(cal(np.array(scores)), _corrected(np.array(scores), 0.5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "isotonic", "x": [0.1, 0.2], "y": [0.3]}, "same, non-zero length"),
+        ({"method": "isotonic"}, "same, non-zero length"),
+        ({"method": "isotonic", "x": [0.2, 0.1], "y": [0.3, 0.4]}, "non-decreasing"),
+        ({"method": "isotonic", "x": [0.1, 0.2], "y": [0.4, 0.3]}, "non-decreasing"),
+        ({"a": 0.0}, "greater than 0"),
+        ({"downsample_rate": 1.5}, "less than or equal to 1"),
+        ({"downsample_rate": 0.0}, "greater than 0"),
+    ],
+)
+def test_calibration_validation_messages(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        Calibration(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["none", "platt", "isotonic"])
+def test_calibration_json_round_trip(method: str) -> None:
+    p, y = _platt_data(0.05, 0.95, 24, 2)
+    cal = Calibration.fit(p, y, method, downsample_rate=0.3)  # type: ignore[arg-type]
+    back = Calibration.model_validate_json(cal.model_dump_json())
+    assert back == cal
+    np.testing.assert_array_equal(back(P), cal(P))
