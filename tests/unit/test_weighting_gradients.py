@@ -292,12 +292,12 @@ def test_gradnorm_weight_gradient_matches_central_differences(t: int) -> None:
 Losses = Callable[[], dict[str, torch.Tensor]]
 
 
-def toy(t: int, seed: int) -> tuple[nn.Module, nn.ModuleList, Losses]:
+def toy(t: int, seed: int, device: str = "cpu") -> tuple[nn.Module, nn.ModuleList, Losses]:
     torch.manual_seed(seed)
-    shared = nn.Sequential(nn.Linear(5, 6), nn.Tanh()).double()
-    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(t)).double()
-    x = torch.randn(16, 5, dtype=torch.float64)
-    ys = torch.randn(t, 16, dtype=torch.float64) * torch.arange(1, t + 1)[:, None]
+    shared = nn.Sequential(nn.Linear(5, 6), nn.Tanh()).double().to(device)
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(t)).double().to(device)
+    x = torch.randn(16, 5, dtype=torch.float64).to(device)
+    ys = (torch.randn(t, 16, dtype=torch.float64) * torch.arange(1, t + 1)[:, None]).to(device)
 
     def losses() -> dict[str, torch.Tensor]:
         h = shared(x)
@@ -354,3 +354,18 @@ def test_multitask_backward_gives_the_reference_update(name: str, t: int) -> Non
     for i in range(t):  # task-specific parameters: the task's own gradient, weight 1
         for p, r in zip(heads[i].parameters(), head_ref[i], strict=True):
             torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", GRADIENT_STRATEGIES)
+def test_multitask_backward_on_cuda_matches_the_cpu(name: str) -> None:
+    """Every gradient strategy runs on a GPU and gives the CPU's update: helpers that go
+    through numpy (the simplex projection, the QP solvers) must hand back tensors on their
+    input's device (PE-LTR once added a CPU projection to its CUDA bounds)."""
+    got = {}
+    for device in ("cpu", "cuda"):
+        shared, _, losses = toy(3, seed=3, device=device)
+        s = build_weighting(name, names(3)).to(device)
+        multitask_backward(losses(), s, shared_parameters=list(shared.parameters()))
+        got[device] = torch.cat([p.grad.flatten().cpu() for p in shared.parameters()])
+    torch.testing.assert_close(got["cuda"], got["cpu"], rtol=1e-6, atol=1e-9)

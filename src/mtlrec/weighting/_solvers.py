@@ -47,7 +47,7 @@ def project_simplex_np(v: np.ndarray, total: float = 1.0) -> np.ndarray:
 def project_simplex(v: Tensor, total: float = 1.0) -> Tensor:
     """Euclidean projection of ``v [T]`` onto ``{w >= 0, sum w = total}`` (sort-based)."""
     out = project_simplex_np(v.detach().cpu().double().numpy(), total)
-    return torch.from_numpy(out).to(v.dtype)
+    return torch.from_numpy(out).to(device=v.device, dtype=v.dtype)
 
 
 def min_norm_two(g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
