@@ -128,7 +128,7 @@ MODULES: dict[str, Module] = {
     ),
     "autograd": Module(
         ("src/mtlrec/autograd.py",),
-        (U + "test_weighting.py", U + "test_weighting_gradients.py"),
+        (U + "test_weighting.py", U + "test_weighting_gradients.py", P + "test_weightings.py"),
     ),
     "data/split": Module(
         ("src/mtlrec/data/split.py",),
