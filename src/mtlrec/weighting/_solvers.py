@@ -37,10 +37,15 @@ def project_simplex_np(v: np.ndarray, total: float = 1.0) -> np.ndarray:
     """:func:`project_simplex` on a float64 numpy vector."""
     if total <= 0:
         return np.zeros_like(v)
+    # the projection commutes with adding a constant to every entry: subtracting the largest
+    # keeps the cumulative sums on the scale of ``total`` (with entries near 1e17 they
+    # swallowed it and no index passed the test below)
+    v = v - v.max()
     u = np.sort(v)[::-1]
     css = np.cumsum(u) - total
     k = np.arange(1, v.size + 1)
-    rho = int(np.nonzero(u - css / k > 0)[0].max())
+    passing = np.flatnonzero(u - css / k > 0)
+    rho = int(passing[-1]) if passing.size else 0  # the largest entry always passes exactly
     return np.maximum(v - css[rho] / (rho + 1), 0.0)
 
 
