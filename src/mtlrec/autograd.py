@@ -41,7 +41,9 @@ class BackwardResult:
 def task_jacobian(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
     """Per-task gradients of ``losses [T]`` w.r.t. ``params``, flattened: ``[T, P]``.
 
-    One batched backward; the graph is kept for the objective's backward.
+    One batched backward; the graph is kept for the objective's backward. A parameter no loss
+    reaches gets zero rows (torch's ``materialize_grads`` would give it one unbatched zero
+    tensor, ``[*p.shape]`` instead of ``[T, *p.shape]``).
     """
     t = losses.shape[0]
     eye = torch.eye(t, dtype=losses.dtype, device=losses.device)  # [T, T] one-hot cotangents
@@ -52,9 +54,14 @@ def task_jacobian(losses: Tensor, params: Sequence[Tensor]) -> Tensor:
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
-        materialize_grads=True,
-    )  # each [T, *p.shape]
-    return torch.cat([g.reshape(t, -1) for g in grads], dim=1)  # [T, P]
+    )  # each [T, *p.shape], or None for a parameter no loss reaches
+    return torch.cat(
+        [
+            p.new_zeros(t, p.numel()) if g is None else g.reshape(t, -1)
+            for p, g in zip(params, grads, strict=True)
+        ],
+        dim=1,
+    )  # [T, P]
 
 
 def _add_flat_grad(params: Sequence[nn.Parameter], flat: Tensor) -> None:
