@@ -136,7 +136,12 @@ MODULES: dict[str, Module] = {
     ),
     "data/encoders": Module(
         ("src/mtlrec/data/encoders.py",),
-        (U + "test_encoders.py", U + "test_preprocess.py", P + "test_lookup.py"),
+        (
+            U + "test_encoders.py",
+            U + "test_preprocess.py",
+            U + "test_data_api.py",
+            P + "test_lookup.py",
+        ),
     ),
     "fusion": Module(
         (

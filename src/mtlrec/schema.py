@@ -28,6 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mtlrec.errors import ConfigError
 
+MAX_TABLE_VALUES = 2**31 - 3
+"""The most values one embedding table holds: ids are int32 and the values' ids start after
+the padding and OOV rows (``2 + n - 1 <= 2**31 - 1``)."""
+
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _TABLE_ATTRS = ("embedding_dim", "min_count", "max_size", "hash_buckets", "vocab_size")
 """What features sharing an embedding table must agree on."""
@@ -61,11 +65,15 @@ class _Categorical(_Feature):
     min_count: int = Field(default=1, ge=1, description="values seen fewer times map to OOV")
     max_size: int | None = Field(default=None, ge=1, description="keep only the most frequent")
     hash_buckets: int | None = Field(
-        default=None, ge=1, description="hash values into this many buckets instead of a vocabulary"
+        default=None,
+        ge=1,
+        le=MAX_TABLE_VALUES,
+        description="hash values into this many buckets instead of a vocabulary",
     )
     vocab_size: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_TABLE_VALUES,
         description="pre-indexed ids: the values are integers in [0, vocab_size), used as they "
         "are (no vocabulary is fitted); out-of-range ids and missing values take the OOV row",
     )

@@ -36,8 +36,8 @@ from mtlrec.data.columns import (
     to_list,
 )
 from mtlrec.data.lookup import SortedKeys
-from mtlrec.errors import DataError
-from mtlrec.schema import DenseFeature, SequenceFeature
+from mtlrec.errors import ConfigError, DataError
+from mtlrec.schema import MAX_TABLE_VALUES, DenseFeature, SequenceFeature
 
 
 def _merge_counts(chunks: list[pa.Table]) -> pa.Table:
@@ -72,6 +72,11 @@ class CategoricalEncoder:
         vocab_size: int | None = None,
         vocab: list[str] | pa.Array | None = None,
     ) -> None:
+        for name, n in (("hash_buckets", hash_buckets), ("vocab_size", vocab_size)):
+            if n is not None and not 1 <= n <= MAX_TABLE_VALUES:
+                raise ConfigError(
+                    f"{name} must be in [1, {MAX_TABLE_VALUES}] (ids are int32), got {n}"
+                )
         self.min_count = min_count
         self.max_size = max_size
         self.hash_buckets = hash_buckets
@@ -79,6 +84,9 @@ class CategoricalEncoder:
         self.vocab: pa.Array = (
             vocab if isinstance(vocab, pa.Array) else pa.array(list(vocab or []), pa.string())
         )
+        if self.vocab.null_count:  # a null would take the ids of null rows, which are OOV
+            at = int(np.flatnonzero(self.vocab.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ConfigError(f"the vocabulary holds a null (entry {at}); values are strings")
         self._counts: list[pa.Table] = []
         self.counts: pa.Table | None = None
         """After :meth:`finalize`: every value counted in training and its count (columns
