@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -489,13 +491,14 @@ def _differs(a: Path, b: Path) -> bool:
 # child per mutant (as mutmut's fork server does: no test has run in the parent) that switches
 # the mutant on (mutmut's trampolines read MUTANT_UNDER_TEST at call time) and runs the files.
 _RECHECK_DRIVER = """
-import importlib, json, os, sys
+import importlib, json, os, signal, sys
 import pytest
 for m in sys.argv[1].split(","):
     importlib.import_module(m)
 with open(sys.argv[2], encoding="utf-8") as fh:
     plan = json.load(fh)  # mutant -> the test files to run
-for name in sys.argv[3:]:
+timeout = int(sys.argv[3])  # seconds: a mutant that makes a loop endless is stopped (SIGALRM)
+for name in sys.argv[4:]:
     files = plan[name]
     if not files:
         print("RESULT", name, 0, flush=True)
@@ -506,6 +509,7 @@ for name in sys.argv[3:]:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(null, 2)
+        signal.alarm(timeout)
         code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *files]))
         os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -513,7 +517,13 @@ for name in sys.argv[3:]:
 """
 
 
-def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) -> list[str]:
+def recheck(
+    ws: Path,
+    module: str,
+    result: ModuleResult,
+    max_children: int = 2,
+    timeout: int | None = None,
+) -> list[str]:
     """Run the survivors of a kept workspace against the test files written or changed since
     its run.
 
@@ -527,7 +537,9 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
     mutants, which the score then leaves alive (it errs low, never high), and the recheck stays
     within minutes instead of running every file for every survivor. The module's source must
     be the one that was mutated. The same files must pass with no mutant first, or nothing is
-    rechecked. Returns the files used; the survivors' statuses are updated.
+    rechecked. A mutant whose run outlasts ``timeout`` seconds (default: 10 times that run
+    without a mutant, at least 60 s; an endless loop) is stopped and counted as a timeout, as
+    mutmut counts them. Returns the files used; the survivors' statuses are updated.
     """
     changed = {f for f in result.files if _differs(ROOT / f, ws / f)}
     if changed:  # its mutants were made from another source: their verdicts stand as they are
@@ -555,7 +567,10 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
     )
     env.pop("MUTANT_UNDER_TEST", None)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    t0 = time.monotonic()
     base = subprocess.run([*cmd, *new], cwd=tree, env=env, capture_output=True, text=True)
+    if timeout is None:  # every mutant runs a subset of these files
+        timeout = max(60, math.ceil(10 * (time.monotonic() - t0)))
     if base.returncode != 0:
         tail = "\n".join(base.stdout.splitlines()[-15:])
         result.error = f"the recheck's tests fail without a mutant ({' '.join(new)}):\n{tail}"
@@ -583,6 +598,7 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", _RECHECK_DRIVER, ",".join(imports), str(plan_file)]
+            + [str(timeout)]
             + [s.name for s in todo[i::max_children]],
             cwd=tree,
             env=env,
@@ -602,9 +618,10 @@ def recheck(ws: Path, module: str, result: ModuleResult, max_children: int = 2) 
         if s.name not in exit_codes:  # a worker failed before its tests (its stderr is shown)
             raise RuntimeError(f"the recheck did not report mutant {s.name}")
         if exit_codes[s.name] != 0:
+            verdict = "timeout" if exit_codes[s.name] == -signal.SIGALRM else "killed"
             result.counts[s.status] -= 1
-            result.counts["killed"] = result.counts.get("killed", 0) + 1
-            s.status = result.statuses[s.name] = "killed"
+            result.counts[verdict] = result.counts.get(verdict, 0) + 1
+            s.status = result.statuses[s.name] = verdict
     result.survivors = [s for s in result.survivors if s.status not in KILLED]
     return new
 

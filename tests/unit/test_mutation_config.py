@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import sys
+import time
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -238,3 +239,33 @@ def test_a_file_names_a_module_only_as_a_whole_dotted_name(mutation: ModuleType)
     assert not mutation._names(text, "mtlrec.models.esm")
     assert mutation._names(text, "mtlrec.nn.mlp")
     assert not mutation._names(text, "mtlrec.nn.ml")
+
+
+def test_recheck_stops_a_mutant_that_makes_a_loop_endless(
+    mutation: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mutant f loops forever: the recheck must stop it and count it as a timeout (killed, as
+    # mutmut counts its own timeouts), not wait for it
+    root, ws = tmp_path / "root", tmp_path / "ws"
+    _fake_run(root, ws)
+    (ws / "mutants/src/pkg/m.py").write_text(
+        "import os\n\n\ndef f(x):\n"
+        "    while os.environ.get('MUTANT_UNDER_TEST') == 'pkg.m.x_f__mutmut_1':\n"
+        "        pass\n    return x + 1\n\n\ndef g(x):\n    return x * 2\n"
+    )
+    monkeypatch.setattr(mutation, "ROOT", root)
+    module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
+    monkeypatch.setitem(mutation.MODULES, "mod", module)
+    res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
+    res.survivors = [
+        mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
+        for fn in ("f", "g")
+    ]
+    res.statuses = {s.name: "survived" for s in res.survivors}
+    t0 = time.monotonic()
+    mutation.recheck(ws, "mod", res, timeout=2)
+    assert time.monotonic() - t0 < 60
+    assert res.counts == {"survived": 1, "timeout": 1}
+    assert res.statuses["pkg.m.x_f__mutmut_1"] == "timeout"
+    assert [s.name for s in res.survivors] == ["pkg.m.x_g__mutmut_1"]
+    assert res.score == 50.0
