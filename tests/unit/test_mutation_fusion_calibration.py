@@ -10,10 +10,13 @@ given as strings, validation messages and the JSON round trip."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from mtlrec.errors import DataError
 from mtlrec.fusion.calibration import (
     Calibration,
     downsample_correction,
@@ -326,3 +329,14 @@ def test_calibration_json_round_trip(method: str) -> None:
     back = Calibration.model_validate_json(cal.model_dump_json())
     assert back == cal
     np.testing.assert_array_equal(back(P), cal(P))
+
+
+@pytest.mark.parametrize(("label", "row"), [(0.5, 3), (float("nan"), 2), (2.0, 1)])
+def test_fit_platt_refuses_labels_other_than_0_and_1(label: float, row: int) -> None:
+    # Platt's targets count positives and negatives: a 0.5 was half a positive in the count and
+    # a negative in the targets; a NaN label (a masked row) made every target NaN
+    y = np.array([0.0, 1.0, 0.0, 1.0])
+    y[row - 1] = label
+    with pytest.raises(DataError, match=re.escape(f"needs 0/1 labels, got {label}")) as err:
+        fit_platt(np.array([0.2, 0.3, 0.4, 0.9]), y)
+    assert err.value.row == row

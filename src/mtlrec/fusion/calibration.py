@@ -22,6 +22,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mtlrec.errors import DataError
+
 EPS = 1e-7
 
 
@@ -100,8 +102,13 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iters: int = 100) -> tuple[float, fl
     """
     z = _logit(np.asarray(p, dtype=np.float64))
     y = np.asarray(y, dtype=np.float64)
+    bad = np.flatnonzero((y != 0) & (y != 1))
+    if bad.size:
+        raise DataError(
+            f"Platt scaling needs 0/1 labels, got {float(y[bad[0]])}", row=int(bad[0]) + 1
+        )
     pos = float(y.sum())
-    t = np.where(y > 0.5, (pos + 1.0) / (pos + 2.0), 1.0 / (y.size - pos + 2.0))  # targets
+    t = np.where(y == 1, (pos + 1.0) / (pos + 2.0), 1.0 / (y.size - pos + 2.0))  # targets
     x = np.stack([z, np.ones_like(z)], axis=1)  # [N, 2]
     a, b = _platt_newton(x, t, np.zeros_like(z), np.array([1.0, 0.0]), iters)
     if a >= _MIN_SLOPE:
