@@ -291,3 +291,12 @@ def test_small_vocabulary_builds_no_sorted_copy(builds: list[int]) -> None:
     enc.prepare()
     _check_lookups(enc, vocab, [3, None, 5000, 0])
     assert builds == []
+
+
+@pytest.mark.parametrize("name", ["hash_buckets", "vocab_size"])
+def test_a_one_value_table_is_accepted(name: str) -> None:
+    # the smallest table the schema allows (ge=1): one value after the padding and OOV rows
+    enc = CategoricalEncoder(**{name: 1})
+    assert enc.size == FIRST_ID + 1
+    ids, _ = enc.lookup(pa.array(["0", "7"]))
+    assert ids.min() >= OOV_ID and ids.max() <= FIRST_ID
