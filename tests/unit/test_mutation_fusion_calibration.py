@@ -340,3 +340,22 @@ def test_fit_platt_refuses_labels_other_than_0_and_1(label: float, row: int) -> 
     with pytest.raises(DataError, match=re.escape(f"needs 0/1 labels, got {label}")) as err:
         fit_platt(np.array([0.2, 0.3, 0.4, 0.9]), y)
     assert err.value.row == row
+
+
+def test_fit_platt_stops_once_a_step_no_longer_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Newton's method converges quadratically near the optimum: on an ordinary problem it
+    # stops after a handful of steps (one sigmoid evaluation per step), not at the cap
+    import mtlrec.fusion.calibration as calibration
+
+    calls: list[int] = []
+    sigmoid = calibration._sigmoid
+
+    def counting(z: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        return sigmoid(z)
+
+    monkeypatch.setattr(calibration, "_sigmoid", counting)
+    p, y = _platt_data(0.05, 0.95, 24, 2)
+    a, b = fit_platt(p, y)
+    assert 2 <= len(calls) <= 20
+    assert np.abs(_penalised_gradient(p, y, a, b)).max() < 1e-9
