@@ -294,7 +294,10 @@ def test_relabelling_the_tasks_relabels_the_weights(
         w, g = step(s, c.losses, c.jac)
         wp, gp = step(sp, c.losses[list(perm)], c.jac[list(perm)])
         np.testing.assert_allclose(wp.numpy(), w.numpy()[list(perm)], rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(gp.numpy(), g.numpy(), rtol=1e-5, atol=1e-7)
+        # an entry of the update can be a near-cancelling sum of large terms: strategies whose
+        # state is float32 (FAMO's logits) agree to float32 rounding of the largest term there
+        scale = max(1.0, float(g.abs().max()))
+        np.testing.assert_allclose(gp.numpy(), g.numpy(), rtol=1e-5, atol=1e-6 * scale)
         s.on_step_end(c.losses)
         sp.on_step_end(c.losses[list(perm)])
         c.losses = c.losses * torch.from_numpy(c.rng.uniform(0.5, 1.0, t))
