@@ -11,6 +11,7 @@ import time
 import tomllib
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -138,6 +139,17 @@ def _fake_run(root: Path, ws: Path) -> None:
         (root / name).mkdir()
 
 
+def _two_survivors(mutation: ModuleType) -> Any:
+    """The fake run's result: mutants ``f`` and ``g`` of ``src/pkg/m.py`` both survived."""
+    res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
+    res.survivors = [
+        mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
+        for fn in ("f", "g")
+    ]
+    res.statuses = {s.name: "survived" for s in res.survivors}
+    return res
+
+
 def test_recheck_kills_survivors_with_the_tests_written_since_the_run(
     mutation: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,13 +160,7 @@ def test_recheck_kills_survivors_with_the_tests_written_since_the_run(
     monkeypatch.setitem(mutation.MODULES, "mod", module)
 
     def result():
-        res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
-        res.survivors = [
-            mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
-            for fn in ("f", "g")
-        ]
-        res.statuses = {s.name: "survived" for s in res.survivors}
-        return res
+        return _two_survivors(mutation)
 
     res = result()
     used = mutation.recheck(ws, "mod", res)
@@ -208,12 +214,7 @@ def test_recheck_runs_an_own_file_only_for_the_modules_it_names(
     monkeypatch.setattr(mutation, "ROOT", root)
     module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
     monkeypatch.setitem(mutation.MODULES, "mod", module)
-    res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
-    res.survivors = [
-        mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
-        for fn in ("f", "g")
-    ]
-    res.statuses = {s.name: "survived" for s in res.survivors}
+    res = _two_survivors(mutation)
     used = mutation.recheck(ws, "mod", res)
     assert used == ["tests/unit/test_mutation_mod.py", "tests/unit/test_mutation_mod_indirect.py"]
     assert res.error is None
@@ -222,12 +223,7 @@ def test_recheck_runs_an_own_file_only_for_the_modules_it_names(
     (root / "tests/unit/test_mutation_mod_indirect.py").write_text(
         "import pkg.m as m\n\n\ndef test_g():\n    assert isinstance(m.g(1), int)\n"
     )
-    res.survivors = [
-        mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
-        for fn in ("f", "g")
-    ]
-    res.counts = {"survived": 2}
-    res.statuses = {s.name: "survived" for s in res.survivors}
+    res = _two_survivors(mutation)
     mutation.recheck(ws, "mod", res)
     assert res.survivors == []
     assert res.counts == {"survived": 0, "killed": 2}
@@ -256,12 +252,7 @@ def test_recheck_stops_a_mutant_that_makes_a_loop_endless(
     monkeypatch.setattr(mutation, "ROOT", root)
     module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
     monkeypatch.setitem(mutation.MODULES, "mod", module)
-    res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
-    res.survivors = [
-        mutation.Survivor(f"pkg.m.x_{fn}__mutmut_1", "survived", "src/pkg/m.py", fn, 2, [])
-        for fn in ("f", "g")
-    ]
-    res.statuses = {s.name: "survived" for s in res.survivors}
+    res = _two_survivors(mutation)
     t0 = time.monotonic()
     mutation.recheck(ws, "mod", res, timeout=2)
     assert time.monotonic() - t0 < 60
