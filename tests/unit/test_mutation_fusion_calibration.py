@@ -3,7 +3,9 @@
 computation: the down-sampling correction (He et al. 2014) in float64, Platt scaling (the
 first-order optimality condition of the penalised cross-entropy to Platt's targets, the closed
 form for a constant score, float64 logits, inputs where full Newton steps run away, the slope's
-bound, against scipy's bounded L-BFGS-B), pool-adjacent-violators (hand-pooled
+bound, against scipy's bounded L-BFGS-B; the Armijo line search, its failure, the first trial,
+the Newton-decrement stop on constant scores of many rows, the step count on hard data, the
+start at Platt's prior, the input checks), pool-adjacent-violators (hand-pooled
 examples, empty and one-row inputs, float64 end points), and ``Calibration``: applying each
 method by its formula, fitting after the correction, keeping the method and the rate, labels
 given as strings, validation messages and the JSON round trip."""
@@ -331,20 +333,23 @@ def test_calibration_json_round_trip(method: str) -> None:
     np.testing.assert_array_equal(back(P), cal(P))
 
 
-@pytest.mark.parametrize(("label", "row"), [(0.5, 3), (float("nan"), 2), (2.0, 1)])
-def test_fit_platt_refuses_labels_other_than_0_and_1(label: float, row: int) -> None:
+@pytest.mark.parametrize(
+    ("label", "row", "what"),
+    [(0.5, 3, "0/1"), (float("nan"), 2, "finite"), (2.0, 1, "0/1"), (-np.inf, 4, "finite")],
+)
+def test_fit_platt_refuses_labels_other_than_0_and_1(label: float, row: int, what: str) -> None:
     # Platt's targets count positives and negatives: a 0.5 was half a positive in the count and
     # a negative in the targets; a NaN label (a masked row) made every target NaN
     y = np.array([0.0, 1.0, 0.0, 1.0])
     y[row - 1] = label
-    with pytest.raises(DataError, match=re.escape(f"needs 0/1 labels, got {label}")) as err:
+    msg = f"Platt calibration needs {what} labels, got {label}"
+    with pytest.raises(DataError, match=re.escape(msg)) as err:
         fit_platt(np.array([0.2, 0.3, 0.4, 0.9]), y)
     assert err.value.row == row
 
 
-def test_fit_platt_stops_once_a_step_no_longer_moves(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Newton's method converges quadratically near the optimum: on an ordinary problem it
-    # stops after a handful of steps (one sigmoid evaluation per step), not at the cap
+def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per Newton step of fit_platt (each step evaluates the sigmoid once)."""
     import mtlrec.fusion.calibration as calibration
 
     calls: list[int] = []
@@ -355,7 +360,241 @@ def test_fit_platt_stops_once_a_step_no_longer_moves(monkeypatch: pytest.MonkeyP
         return sigmoid(z)
 
     monkeypatch.setattr(calibration, "_sigmoid", counting)
+    return calls
+
+
+def test_fit_platt_stops_after_a_handful_of_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Newton's method converges quadratically near the optimum: on an ordinary problem it
+    # stops after a handful of steps (one sigmoid evaluation per step), not at the cap
+    calls = _count_steps(monkeypatch)
     p, y = _platt_data(0.05, 0.95, 24, 2)
     a, b = fit_platt(p, y)
     assert 2 <= len(calls) <= 20
     assert np.abs(_penalised_gradient(p, y, a, b)).max() < 1e-9
+
+
+# -- Platt: the line search, the stopping rule, input checks ---------------------------------
+def test_platt_line_search_never_accepts_a_step_that_raises_the_objective() -> None:
+    # one intercept, target 2/3, from b0 = -2.3525: the full Newton step overshoots to where
+    # the objective is 1.2e-4 higher (less than the Armijo slack 1e-4 * decrease = 4.2e-4), so
+    # only the sign of the sufficient-decrease condition decides whether it is taken
+    from mtlrec.fusion.calibration import _platt_newton
+
+    t, b0 = 2.0 / 3.0, -2.3525
+
+    def objective(b: float) -> float:
+        return t * np.logaddexp(0.0, -b) + (1 - t) * np.logaddexp(0.0, b) + 0.5 * L2 * b * b
+
+    q = _sigmoid(np.array(b0))
+    g, h = q - t + L2 * b0, q * (1 - q) + L2
+    full = b0 - g / h
+    assert 0 < objective(full) - objective(b0) < 1e-4 * g * g / h  # the premise
+    (b1,) = _platt_newton(np.ones((1, 1)), np.array([t]), np.zeros(1), np.array([b0]), 1)
+    assert objective(b1) < objective(b0) - 1e-4 * 0.5 * g * g / h  # a halved step, which gains
+    assert b1 == pytest.approx(b0 - 0.5 * g / h, rel=1e-12)
+
+
+@pytest.mark.parametrize(("score", "seed"), [(1 - 1e-9, 0), (1 - 1e-9, 1), (0.3, 0)])
+def test_fit_platt_stops_on_constant_scores_of_many_rows(
+    monkeypatch: pytest.MonkeyPatch, score: float, seed: int
+) -> None:
+    # every score the same: only a z0 + b is identified, and along the other direction only the
+    # ridge curves the objective, far below its rounding on 200,000 rows. The steps there were
+    # rounding noise times 1 / ridge: the fit wandered to its cap of 100 steps (50 s on a
+    # million rows). The Newton decrement stops it once the gain is below the rounding.
+    n = 200_000
+    y = (np.random.default_rng(seed).random(n) < 0.5).astype(np.float64)
+    steps = _count_steps(monkeypatch)
+    a, b = fit_platt(np.full(n, score), y)
+    assert len(steps) <= 8
+    z0 = float(_logit(np.clip(np.array(score), 1e-7, 1 - 1e-7)))  # the fit clips at 1e-7
+    mean_t = float(_platt_targets(y).mean())
+    assert a >= 1e-6
+    assert a * z0 + b == pytest.approx(float(_logit(np.array(mean_t))), abs=1e-9)
+
+
+def _hard_cases(n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    y = (rng.random(n) < 0.4).astype(np.float64)
+    u = rng.random(n)
+    ends = rng.choice([1e-12, 1 - 1e-12], n)
+    return {
+        "random": (u, y),
+        "separable": (np.where(y == 1, 0.9, 0.1), y),
+        "saturated": (ends, y),  # logits +-16 after the clip: the sigmoid is flat at (1, 0)
+        "saturated, ranked": (ends, (ends > 0.5).astype(np.float64)),
+        "ranked the wrong way": (u, (u < 0.5).astype(np.float64)),
+        "a gap of 1e-9": (np.where(y == 1, 0.5 + 1e-9, 0.5), y),
+    }
+
+
+@pytest.mark.parametrize("case", list(_hard_cases(8)))
+def test_fit_platt_converges_in_few_steps_on_hard_data(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    # the docstring's promise: well within the cap of 100 steps, at the optimum (scipy's
+    # bounded L-BFGS-B on the same objective); Platt's start a = 0, b = prior log-odds keeps
+    # saturated scores from needing 30 halvings of the first step
+    p, y = _hard_cases(20_000)[case]
+    steps = _count_steps(monkeypatch)
+    a, b = fit_platt(p, y)
+    assert len(steps) <= 30
+    monkeypatch.undo()
+    ref = _scipy_platt(p, y)
+    z, t = _logit(np.clip(p, 1e-7, 1 - 1e-7)), _platt_targets(y)
+
+    def objective(a_: float, b_: float) -> float:
+        s = a_ * z + b_
+        ce = t * np.logaddexp(0.0, -s) + (1 - t) * np.logaddexp(0.0, s)
+        return float(ce.sum() + 0.5 * L2 * (a_ * a_ + b_ * b_))
+
+    assert objective(a, b) <= objective(*ref) + 1e-9 * objective(*ref)
+
+
+def test_fit_platt_takes_the_last_newton_step_when_it_stops() -> None:
+    # the decrement stop finishes with a full step, accurate to second order: the optimality
+    # condition then holds to rounding (without the step, or with its sign flipped, the error
+    # is the size of that last step)
+    p, y = _platt_data(0.05, 0.95, 2_000, 3)
+    a, b = fit_platt(p, y)
+    grad = _penalised_gradient(p, y, a, b)
+    assert np.abs(grad).max() < 1e-10 * len(p)
+
+
+def test_fit_platt_starts_from_platts_prior(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Platt's pseudo-code starts at a = 0 and b = log((N+ + 1) / (N- + 1)): the first sigmoid
+    # evaluated is that of the prior's log-odds on every row
+    import mtlrec.fusion.calibration as calibration
+
+    seen: list[np.ndarray] = []
+    sigmoid = calibration._sigmoid
+
+    def first(z: np.ndarray) -> np.ndarray:
+        seen.append(np.array(z, copy=True))
+        return sigmoid(z)
+
+    monkeypatch.setattr(calibration, "_sigmoid", first)
+    fit_platt(np.array([0.1, 0.2, 0.8, 0.9, 0.6]), np.array([0.0, 1.0, 1.0, 1.0, 0.0]))
+    np.testing.assert_allclose(seen[0], np.full(5, np.log(4.0 / 3.0)), rtol=1e-15)
+
+
+def test_fit_platt_without_rows_is_the_identity_map() -> None:
+    assert fit_platt(np.array([]), np.array([])) == (1.0, 0.0)
+    cal = Calibration.fit(np.array([]), np.array([]), "platt")
+    np.testing.assert_allclose(cal(P), np.clip(P, 1e-7, 1 - 1e-7), rtol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+@pytest.mark.parametrize(("score", "row"), [(float("nan"), 2), (-0.1, 1), (1.5, 3), (np.inf, 4)])
+def test_fits_refuse_scores_that_are_not_probabilities(method: str, score: float, row: int) -> None:
+    p = np.array([0.2, 0.3, 0.4, 0.9])
+    p[row - 1] = score
+    name = "Platt" if method == "platt" else "isotonic"
+    msg = f"{name} calibration needs probabilities in [0, 1], got {score}"
+    with pytest.raises(DataError, match=re.escape(msg)) as err:
+        Calibration.fit(p, np.array([0.0, 1.0, 0.0, 1.0]), method)  # type: ignore[arg-type]
+    assert err.value.row == row
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_fits_accept_scores_of_exactly_0_and_1(method: str) -> None:
+    p, y = np.array([0.0, 1.0, 0.0, 1.0, 0.5]), np.array([0.0, 1.0, 1.0, 1.0, 0.0])
+    cal = Calibration.fit(p, y, method)  # type: ignore[arg-type]
+    assert np.isfinite(cal(p)).all()
+
+
+@pytest.mark.parametrize(("label", "row"), [(float("nan"), 1), (-np.inf, 3)])
+def test_fit_isotonic_refuses_labels_that_are_not_finite(label: float, row: int) -> None:
+    y = np.array([0.0, 1.0, 0.25, 3.5])  # any finite value is a label isotonic regression takes
+    fit_isotonic(np.array([0.2, 0.3, 0.4, 0.9]), y)
+    y[row - 1] = label
+    with pytest.raises(DataError, match=re.escape(f"finite labels, got {label}")) as err:
+        fit_isotonic(np.array([0.2, 0.3, 0.4, 0.9]), y)
+    assert err.value.row == row
+
+
+@pytest.mark.parametrize("fit", [fit_platt, fit_isotonic])
+@pytest.mark.parametrize(
+    ("p", "y", "shapes"),
+    [
+        ([0.2, 0.3, 0.4], [0.0, 1.0], "(3,) and labels of shape (2,)"),
+        ([[0.2, 0.3]], [[0.0, 1.0]], "(1, 2) and labels of shape (1, 2)"),
+    ],
+)
+def test_fits_refuse_scores_and_labels_that_do_not_pair(
+    fit: object, p: list, y: list, shapes: str
+) -> None:
+    with pytest.raises(
+        DataError, match=re.escape(f"one label per score, as vectors: got scores of shape {shapes}")
+    ):
+        fit(np.array(p), np.array(y))  # type: ignore[operator]
+
+
+def _unbounded_optimum(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The minimiser of the penalised cross-entropy over theta (no bound), by scipy's BFGS."""
+    from scipy.optimize import minimize
+
+    def objective(th: np.ndarray) -> float:
+        s = x @ th
+        ce = t * np.logaddexp(0.0, -s) + (1 - t) * np.logaddexp(0.0, s)
+        return float(ce.sum() + 0.5 * L2 * th @ th)
+
+    def gradient(th: np.ndarray) -> np.ndarray:
+        return x.T @ (_sigmoid(x @ th) - t) + L2 * th
+
+    return minimize(objective, np.zeros(x.shape[1]), jac=gradient, method="BFGS", tol=1e-12).x
+
+
+@pytest.mark.parametrize(
+    ("p", "y"),
+    [
+        ([0.7027, 0.9438, 0.1268, 0.8648, 0.0595], [1, 1, 1, 0, 0]),
+        ([0.0002, 0.0], [1, 0]),
+        ([0.2, 0.9, 0.9, 0.4, 0.99], [0, 1, 1, 0, 1]),
+        ([1e-9, 1 - 1e-9, 1e-9, 1 - 1e-9, 0.5, 0.5], [1, 1, 0, 0, 1, 0]),
+    ],
+)
+def test_platt_newton_line_search_reaches_the_optimum_from_a_far_start(p: list, y: list) -> None:
+    # from (a, b) = (1, 0) a full Newton step lands where the sigmoid is flat (plain Newton
+    # returned a = 6.4e6 on the first case): the backtracking has to halve it many times, and
+    # the iteration must still end at the one minimiser of the convex objective
+    from mtlrec.fusion.calibration import _platt_newton
+
+    p_, y_ = np.array(p), np.array(y, dtype=np.float64)
+    z = _logit(np.clip(p_, 1e-7, 1 - 1e-7))
+    x, t = np.stack([z, np.ones_like(z)], axis=1), _platt_targets(y_)
+    got = _platt_newton(x, t, np.zeros_like(z), np.array([1.0, 0.0]), 100)
+    np.testing.assert_allclose(got, _unbounded_optimum(x, t), rtol=1e-6, atol=1e-9)
+
+
+def test_platt_newton_stops_where_no_step_gains() -> None:
+    # one row with logit 1e6 and a slope of 1: the sigmoid is flat at 1, the Hessian is the
+    # ridge alone and Newton's step is 3.3e11. Every step down to 1e-10 of it lands at a
+    # logit of -1e7 or below, far worse: the line search fails and the start is returned as
+    # it is (taking the last tiny step anyway would have moved the slope to -18)
+    from mtlrec.fusion.calibration import _platt_newton
+
+    got = _platt_newton(np.array([[1e6]]), np.array([2.0 / 3.0]), np.zeros(1), np.ones(1), 100)
+    np.testing.assert_array_equal(got, [1.0])
+
+
+def test_platt_newton_goes_straight_to_the_ridges_minimum() -> None:
+    # a column of zero logits: the cross-entropy does not depend on theta, the objective is
+    # a constant plus the ridge 1e-6 / 2 * theta^2, and Newton's step from 1000 lands on 0 in
+    # one step, which the line search accepts because it lowers the objective by its ridge
+    from mtlrec.fusion.calibration import _platt_newton
+
+    got = _platt_newton(
+        np.zeros((3, 1)), np.array([0.25, 0.5, 0.75]), np.zeros(3), np.array([1e3]), 100
+    )
+    np.testing.assert_allclose(got, [0.0], atol=1e-12)
+
+
+def test_platt_newton_tries_the_full_newton_step_first() -> None:
+    # one intercept, target 2/3, from b = 0: Newton's step is -g / h = (1/6 - 0) / (1/4 + ridge)
+    # and it is accepted at once (a step twice as long would lower the objective too: the
+    # first trial must be the full step, not more)
+    from mtlrec.fusion.calibration import _platt_newton
+
+    (b1,) = _platt_newton(np.ones((1, 1)), np.array([2.0 / 3.0]), np.zeros(1), np.zeros(1), 1)
+    assert b1 == pytest.approx((2.0 / 3.0 - 0.5) / (0.25 + L2), rel=1e-14)

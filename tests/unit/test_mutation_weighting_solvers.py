@@ -4,7 +4,8 @@ computation or a documented property: the degenerate thresholds of the two-task 
 of Frank-Wolfe's line search, its L1 stopping rule, the device of the one- and two-task
 results, the projected-gradient polish of the min-norm solver and its exact finish on a face
 (:func:`_exact_on_support`: its support, its scale-free optimality test, never worse than its
-input), the CAGrad dual: its exact solver up to ``EXACT_MAX_TASKS`` tasks, the face solve
+input, a face block that rounding made indefinite, a zero or overflowing ``1^T G_S^-1 1``), the
+CAGrad dual: its exact solver up to ``EXACT_MAX_TASKS`` tasks and its tie-break, the face solve
 (:func:`_face_point`: vertices, points outside a face, the shrinking step, the clipping of
 rounding-size negative weights), the active-set finish (:func:`_active_set_polish`: its
 support, its KKT tolerance, ties, its bound) and the projected gradient with Armijo
@@ -527,3 +528,55 @@ def test_project_simplex_at_any_scale(scale: float) -> None:
     w = project_simplex_np(v, 1.0)
     assert w.min() >= 0 and w.sum() == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(w, _simplex_by_bisection(v - v.max(), 1.0), atol=1e-12)
+
+
+def test_exact_on_support_finishes_a_face_that_rounding_made_indefinite() -> None:
+    """Opposite gradients g2 = -g1, with a Gram matrix that rounding made indefinite by 1e-12:
+    ``g12 = -(1 + 2^-40)``. On the face {1, 2}, ``G_S^-1 1`` is all negative (its sum too),
+    yet its normalisation (1/2, 1/2) is the face's stationary point, meets every check (no
+    negative weight, no descent vertex) and is lower than the iterate: it is returned. Only a
+    guard on the sign of ``1^T G_S^-1 1`` would keep the iterate."""
+    d = 2.0**-40
+    g = np.array([[1.0, -1.0 - d, 0.0], [-1.0 - d, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    w = np.array([0.5 + 1e-6, 0.5 - 1e-6, 0.0])
+    x = np.linalg.solve(g[:2, :2], np.ones(2))
+    assert x.sum() < 0  # the premise: the face's block is not positive definite
+    np.testing.assert_array_equal(_exact_on_support(g, w), [0.5, 0.5, 0.0])
+
+
+def test_exact_on_support_keeps_the_iterate_on_a_face_without_a_stationary_point() -> None:
+    """``1^T G_S^-1 1 = 0`` (a face block diag(1, -1)): the affine minimiser on the face does
+    not exist, and the iterate is returned without a division by zero (a RuntimeWarning is an
+    error in this suite)."""
+    g = np.diag([1.0, -1.0, 1.0])
+    w = np.array([0.7, 0.3, 0.0])
+    assert np.linalg.solve(g[:2, :2], np.ones(2)).sum() == 0.0  # the premise
+    np.testing.assert_array_equal(_exact_on_support(g, w), w)
+
+
+def test_exact_on_support_keeps_the_iterate_when_the_solve_overflows() -> None:
+    """A support gradient of squared norm 5e-324 (the smallest double): ``G_S^-1 1`` is inf, so
+    the face has no finite minimiser; the iterate is returned, with no inf / inf = NaN on the
+    way (a RuntimeWarning is an error in this suite)."""
+    g = np.diag([1.0, 5e-324, 1.0])
+    w = np.array([0.0, 1.0, 0.0])
+    assert not np.isfinite(np.linalg.solve(g[1:2, 1:2], np.ones(1))).all()  # the premise
+    np.testing.assert_array_equal(_exact_on_support(g, w), w)
+
+
+def test_cagrad_dual_ties_go_to_the_smallest_face() -> None:
+    """g1 = (-1, 1), g2 = (0, -1), c = 1/2: F's slope from the vertex e2 into the edge is exactly
+    0 (scaled: b = (1/4, 0), r = sqrt(1/8) / 2, F(s) = s / 4 + r sqrt(5/2 s^2 - 2 s + 1/2),
+    F'(0) = 1/4 - r sqrt(2) = 0), so the 1e-10 ridge moves the edge's stationary point to
+    w1 = 4e-10, where F equals F(e2) to the last bit. The documented tie-break keeps the
+    smaller face: exactly e2, not a weight of the ridge's size on task 1."""
+    j = np.array([[-1.0, 1.0], [0.0, -1.0]])
+    g = j @ j.T
+    scaled = g / 2.0 + 1e-10 * np.eye(2)  # as cagrad_dual scales and ridges it
+    b = scaled.mean(axis=1)
+    r = 0.5 * np.sqrt(b.mean())
+    face = _face_point(scaled, b, r, [0, 1])
+    assert face is not None and 0 < face[0] < 1e-9  # the edge's point, a ridge's size away
+    vertex = np.array([0.0, 1.0])
+    assert solvers._dual_value(face, b, scaled, r) == solvers._dual_value(vertex, b, scaled, r)
+    np.testing.assert_array_equal(cagrad_dual(g, 0.5), vertex)

@@ -47,6 +47,32 @@ def downsample_correction(p: np.ndarray, rate: float) -> np.ndarray:
     return p / (p + (1.0 - p) / rate)
 
 
+def _fit_inputs(p: np.ndarray, y: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """``p`` and ``y`` as float64 vectors of one length, or a DataError naming the first bad
+    row: scores must be probabilities in [0, 1] and labels finite (a NaN used to make every
+    Platt target, or an isotonic block, NaN without a word)."""
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if p.ndim != 1 or p.shape != y.shape:
+        raise DataError(
+            f"{method} calibration needs one label per score, as vectors: got scores of shape "
+            f"{p.shape} and labels of shape {y.shape}"
+        )
+    bad = np.flatnonzero(~((p >= 0) & (p <= 1)))  # NaN fails both comparisons
+    if bad.size:
+        raise DataError(
+            f"{method} calibration needs probabilities in [0, 1], got {float(p[bad[0]])}",
+            row=int(bad[0]) + 1,
+        )
+    bad = np.flatnonzero(~np.isfinite(y))
+    if bad.size:
+        raise DataError(
+            f"{method} calibration needs finite labels, got {float(y[bad[0]])}",
+            row=int(bad[0]) + 1,
+        )
+    return p, y
+
+
 _PLATT_RIDGE = 1e-6
 _MIN_SLOPE = 1e-6
 
@@ -55,7 +81,16 @@ def _platt_newton(
     x: np.ndarray, t: np.ndarray, offset: np.ndarray, theta: np.ndarray, iters: int
 ) -> np.ndarray:
     """Minimise ``sum CE(t, sigmoid(offset + x @ theta)) + ridge / 2 * |theta|^2`` (convex) by
-    Newton's method with a backtracking (Armijo) line search, from ``theta``."""
+    Newton's method with a backtracking (Armijo) line search, from ``theta``.
+
+    It stops, after one last full step, when the squared Newton decrement ``g^T H^-1 g``
+    (twice the gain a full step promises) is at most ``1e-14`` times the objective: below that
+    the line search cannot tell a gain from the objective's rounding, and a full step is
+    accurate to second order. Along a direction that only the ridge curves (every score the
+    same), the steps are then rounding noise magnified by ``1 / ridge``: without this stop they
+    wandered until the step cap, taking 50 s on a million rows. It also stops, where it is,
+    when no step down to ``1e-10`` of Newton's gains a ``1e-4`` share of what it promises (Lin
+    et al.'s "line search fails")."""
 
     def objective(th: np.ndarray) -> float:
         s = offset + x @ th  # -log q = softplus(-s), -log(1 - q) = softplus(s): no overflow
@@ -69,17 +104,18 @@ def _platt_newton(
         h = (x * (q * (1 - q))[:, None]).T @ x + _PLATT_RIDGE * np.eye(len(theta))  # Hessian
         step = np.linalg.solve(h, g)
         decrease = float(g @ step)  # what a full step promises to first order (h is PD)
+        if decrease <= 1e-14 * value:  # the gain is below the objective's rounding: finish
+            return theta - step
         size = 1.0
-        while True:  # halve the step until the objective decreases enough
+        while True:  # halve the step until the objective decreases enough (Armijo)
             trial = theta - size * step
             trial_value = objective(trial)
-            if trial_value <= value - 1e-4 * size * decrease or size < 1e-10:
+            if trial_value <= value - 1e-4 * size * decrease:
                 break
             size *= 0.5
-        moved = float(np.abs(theta - trial).max())
+            if size < 1e-10:  # the line search fails: theta is as good as rounding allows
+                return theta
         theta, value = trial, trial_value
-        if moved < 1e-10:
-            break
     return theta
 
 
@@ -93,24 +129,37 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iters: int = 100) -> tuple[float, fl
     minimised by Newton's method with a backtracking line search (Lin, Lin & Weng, "A Note on
     Platt's Probabilistic Outputs for Support Vector Machines", Machine Learning 2007). The
     line search makes it converge from any data: a full Newton step can overshoot into the
-    flat tails of the sigmoid, where the Hessian vanishes and the next step runs away. At most
-    ``iters`` steps; it stops when a step moves neither parameter by more than 1e-10.
+    flat tails of the sigmoid, where the Hessian vanishes and the next step runs away. It
+    starts, as Platt's pseudo-code does, from ``a = 0`` and the prior's log-odds
+    ``b = log((N+ + 1) / (N- + 1))``, where no score saturates the sigmoid (from ``a = 1``,
+    scores near 0 or 1 do, and the first steps need many halvings). At most ``iters`` steps;
+    it stops when the Newton decrement says the rest is below rounding (see
+    :func:`_platt_newton`). The hardest inputs measured (separable, ranked the wrong way,
+    saturated, constant, up to a million rows) stop within 23 steps. No rows give the
+    identity map ``(1, 0)``.
 
     ``a`` is kept at least 1e-6 so that the map stays increasing: when the best slope is
     smaller (scores that rank the labels the wrong way round), the best fit with ``a = 1e-6``
     is returned (the problem is convex, so that is the best fit with ``a >= 1e-6``).
+
+    Raises:
+        DataError: scores outside [0, 1] or NaN, labels other than 0/1, or lengths that
+            differ, naming the first bad row.
     """
-    z = _logit(np.asarray(p, dtype=np.float64))
-    y = np.asarray(y, dtype=np.float64)
+    p, y = _fit_inputs(p, y, "Platt")
+    if p.size == 0:  # no rows: the identity map, as fit_isotonic
+        return 1.0, 0.0
+    z = _logit(p)
     bad = np.flatnonzero((y != 0) & (y != 1))
     if bad.size:
         raise DataError(
-            f"Platt scaling needs 0/1 labels, got {float(y[bad[0]])}", row=int(bad[0]) + 1
+            f"Platt calibration needs 0/1 labels, got {float(y[bad[0]])}", row=int(bad[0]) + 1
         )
     pos = float(y.sum())
     t = np.where(y == 1, (pos + 1.0) / (pos + 2.0), 1.0 / (y.size - pos + 2.0))  # targets
     x = np.stack([z, np.ones_like(z)], axis=1)  # [N, 2]
-    a, b = _platt_newton(x, t, np.zeros_like(z), np.array([1.0, 0.0]), iters)
+    start = np.array([0.0, np.log((pos + 1.0) / (y.size - pos + 1.0))])  # Platt's prior
+    a, b = _platt_newton(x, t, np.zeros_like(z), start, iters)
     if a >= _MIN_SLOPE:
         return float(a), float(b)
     # the slope on its bound: refit the intercept alone
@@ -128,10 +177,13 @@ def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         ``(x, v)``: block end points (each block's smallest and largest ``p``) and their values,
-        for :func:`numpy.interp`. Shapes ``[2 * blocks]``.
+        for :func:`numpy.interp`. Shapes ``[2 * blocks]``. No rows give the identity map.
+
+    Raises:
+        DataError: scores outside [0, 1] or NaN, labels NaN or infinite, or lengths that
+            differ, naming the first bad row.
     """
-    p = np.asarray(p, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+    p, y = _fit_inputs(p, y, "isotonic")
     if p.size == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 1.0])
     uniq, inv = np.unique(p, return_inverse=True)

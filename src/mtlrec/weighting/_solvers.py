@@ -127,16 +127,19 @@ def _exact_on_support(g: np.ndarray, w: np.ndarray, eps: float = 1e-9) -> np.nda
     and it is the minimiser over the simplex iff it is non-negative and no task has
     ``(G w)_t < w^T G w`` (no vertex is a descent direction). Otherwise ``w`` is returned: the
     projected-gradient tail converges only linearly when the Gram matrix is ill-conditioned,
-    and this step finishes it exactly once it has found the right face."""
+    and this step finishes it exactly once it has found the right face. A face block that
+    rounding made indefinite (opposite gradients: ``1^T G_S^-1 1 < 0``) still gives the
+    stationary point, kept under the same checks and only when it is no worse than ``w``."""
     s = np.flatnonzero(w > eps)
     try:
         x = np.linalg.solve(g[np.ix_(s, s)], np.ones(s.size))
     except np.linalg.LinAlgError:
         return w
-    if x.sum() <= 0 or not np.isfinite(x).all():
+    total = float(x.sum())  # 1^T G_S^-1 1: > 0 on a positive definite face
+    if total == 0 or not np.isfinite(total):  # the face has no affine minimiser
         return w
     exact = np.zeros_like(w)
-    exact[s] = x / x.sum()
+    exact[s] = x / total
     value = float(exact @ g @ exact)
     scale = max(value, 1e-12 * float(np.diag(g).max()))
     if exact.min() < 0 or (g @ exact).min() < value - 1e-9 * scale:
@@ -158,7 +161,9 @@ def cagrad_dual(gram: np.ndarray, c: float, max_iter: int = 5000) -> np.ndarray:
     stationarity ``b_S + r G_S w_S / ||g_w|| = lambda 1`` gives, with ``v = w_S / ||g_w||``,
     ``v = G_S^{-1} (lambda 1 - b_S) / r`` and ``v^T G_S v = 1``, a quadratic in ``lambda`` whose
     root with ``sum v > 0`` yields ``w_S = v / sum v``. Every face's feasible stationary point
-    is a candidate, as is every vertex; the minimiser is the candidate of least ``F``. The
+    is a candidate, as is every vertex; the minimiser is the candidate of least ``F``, and of
+    candidates whose ``F`` is equal to the last bit the one on the smallest face (the best
+    vertex first, then faces by size): exact zeros rather than a weight of the ridge's size. The
     problem is first scaled by ``max_t ||g_t||^2`` (``F`` scales with it, the minimiser does
     not) and a ``1e-10`` ridge keeps every face's matrix invertible when gradients are
     dependent. More tasks: projected gradient with backtracking to a tolerance (or its
