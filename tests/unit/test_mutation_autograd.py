@@ -503,3 +503,21 @@ def test_gradient_backward_on_cuda_keeps_everything_on_the_device() -> None:
     assert res.present is not None and res.present.device.type == "cuda"
     assert res.weights.device.type == "cuda" and res.weights[1] == 0
     assert model.bottom[0].weight.grad is not None and model.bottom[0].weight.grad.is_cuda
+
+
+def test_gradient_backward_builds_its_tensors_on_the_losses_device() -> None:
+    """The CPU stand-in for the CUDA test above: with another default device (meta) in force,
+    the present mask, the cotangents and the weights must still be built on the losses' device
+    (CPU here), passed explicitly. A mask left to the default device would be a meta tensor,
+    whose truth value cannot be read."""
+    model = Toy(3, seed=9)
+    s = Probe(names(3))
+    losses = model.losses()
+    with torch.device("meta"):
+        res = multitask_backward(
+            losses, s, shared_parameters=model.shared(), counts={"t0": 1, "t1": 0, "t2": 2}
+        )
+    assert res.present is not None and res.present.device.type == "cpu"
+    assert res.present.tolist() == [True, False, True]
+    assert res.weights.device.type == "cpu" and res.weights[1] == 0
+    assert model.bottom[0].weight.grad is not None
