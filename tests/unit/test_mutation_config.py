@@ -139,6 +139,16 @@ def _fake_run(root: Path, ws: Path) -> None:
         (root / name).mkdir()
 
 
+def _register_fake_module(
+    mutation: ModuleType, monkeypatch: pytest.MonkeyPatch, root: Path
+) -> None:
+    """Point the script at the fake checkout ``root`` and register its module ``mod``
+    (src/pkg/m.py, selection tests/unit/test_old.py)."""
+    monkeypatch.setattr(mutation, "ROOT", root)
+    module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
+    monkeypatch.setitem(mutation.MODULES, "mod", module)
+
+
 def _two_survivors(mutation: ModuleType) -> Any:
     """The fake run's result: mutants ``f`` and ``g`` of ``src/pkg/m.py`` both survived."""
     res = mutation.ModuleResult("mod", ["src/pkg/m.py"], 0.0, counts={"survived": 2})
@@ -155,9 +165,7 @@ def test_recheck_kills_survivors_with_the_tests_written_since_the_run(
 ) -> None:
     root, ws = tmp_path / "root", tmp_path / "ws"
     _fake_run(root, ws)
-    monkeypatch.setattr(mutation, "ROOT", root)
-    module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
-    monkeypatch.setitem(mutation.MODULES, "mod", module)
+    _register_fake_module(mutation, monkeypatch, root)
 
     def result():
         return _two_survivors(mutation)
@@ -211,9 +219,7 @@ def test_recheck_runs_an_own_file_only_for_the_modules_it_names(
     (root / "tests/unit/test_mutation_mod_indirect.py").write_text(
         "from pkg import m\n\n\ndef test_g():\n    assert isinstance(m.g(1), int)\n"
     )
-    monkeypatch.setattr(mutation, "ROOT", root)
-    module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
-    monkeypatch.setitem(mutation.MODULES, "mod", module)
+    _register_fake_module(mutation, monkeypatch, root)
     res = _two_survivors(mutation)
     used = mutation.recheck(ws, "mod", res)
     assert used == ["tests/unit/test_mutation_mod.py", "tests/unit/test_mutation_mod_indirect.py"]
@@ -249,9 +255,7 @@ def test_recheck_stops_a_mutant_that_makes_a_loop_endless(
         "    while os.environ.get('MUTANT_UNDER_TEST') == 'pkg.m.x_f__mutmut_1':\n"
         "        pass\n    return x + 1\n\n\ndef g(x):\n    return x * 2\n"
     )
-    monkeypatch.setattr(mutation, "ROOT", root)
-    module = mutation.Module(("src/pkg/m.py",), ("tests/unit/test_old.py",))
-    monkeypatch.setitem(mutation.MODULES, "mod", module)
+    _register_fake_module(mutation, monkeypatch, root)
     res = _two_survivors(mutation)
     t0 = time.monotonic()
     mutation.recheck(ws, "mod", res, timeout=2)
