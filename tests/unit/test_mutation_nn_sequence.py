@@ -4,11 +4,13 @@ defaults of a grouped expert bank (ReLU after every layer, no layer norm) and it
 (ExpertBank's too) against per-member float64 loops, the validation of its groups and the
 message it raises, and the empty output of the recurrent expert bank on sequences of length 0
 (an empty ``[K, B, 0, H]`` in the input's dtype that concatenates along time with a
-non-empty run, a zero final state). Most mutants of ``sequence.py`` are killed by
-``test_mutation_nn_experts.py``."""
+non-empty run, a zero final state), and the fused ATen call against ``torch.nn.LSTM``/``GRU``
+with its state's shape checked (ATen does not check it). Most mutants of ``sequence.py`` are
+killed by ``test_mutation_nn_experts.py``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mtlrec.nn.experts import ExpertBank, GroupedParallelMLP
-from mtlrec.nn.sequence import SequenceExpertBank
+from mtlrec.nn.sequence import SequenceExpertBank, _aten_rnn
 
 F64 = torch.float64
 
@@ -122,3 +124,73 @@ def test_sequence_bank_of_empty_sequences_is_an_empty_run_of_zero_state(
     x = torch.randn(*lead, 2, d, dtype=F64)
     run, _ = bank(x, torch.ones(bsz, 2, dtype=torch.bool))
     assert torch.equal(torch.cat([states, run], dim=2), run)
+
+
+# -- the fused ATen call: torch.nn's own modules as the reference, the state's shape checked --
+def _torch_rnn(cell: str, d: int, h: int) -> tuple[torch.nn.RNNBase, list[Tensor]]:
+    """A float64 ``torch.nn.LSTM``/``GRU`` (batch first) and its weights in ATen's order."""
+    module: torch.nn.RNNBase = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(
+        d, h, batch_first=True, dtype=F64
+    )
+    weights = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+    return module, [w.detach() for w in weights]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize(("bsz", "length"), [(5, 3), (2, 6)])  # more rows than steps, and fewer
+@pytest.mark.parametrize("training", [False, True])
+def test_aten_rnn_is_torch_nn_from_zeros_or_a_given_state(
+    cell: str, bsz: int, length: int, training: bool
+) -> None:
+    # torch.nn.LSTM/GRU check the state and call the same kernels: the public reference
+    torch.manual_seed(3)
+    d, h = 4, 3
+    module, weights = _torch_rnn(cell, d, h)
+    x = torch.randn(bsz, length, d, dtype=F64)
+    with torch.no_grad():
+        out = _aten_rnn(cell, x, weights, training=training)
+        assert out.shape == (bsz, length, h)
+        torch.testing.assert_close(out, module(x)[0], rtol=0, atol=1e-12)
+        state = torch.randn(1, bsz, h, dtype=F64)
+        given = _aten_rnn(cell, x, weights, training=training, state=state)
+        hx = (state, torch.zeros_like(state)) if cell == "lstm" else state
+        torch.testing.assert_close(given, module(x, hx)[0], rtol=0, atol=1e-12)
+        assert not torch.allclose(given, out)  # the state was read
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 2), (1, 5, 3), (2, 5, 2), (5, 2)],  # time as batch, other width, two layers, 2-D
+)
+def test_aten_rnn_refuses_a_state_of_another_shape(cell: str, shape: tuple[int, ...]) -> None:
+    # ATen would read and write outside such a state's memory (a crash or silent garbage)
+    _, weights = _torch_rnn(cell, 4, 2)
+    x = torch.randn(5, 3, 4, dtype=F64)
+    message = f"fused {cell} over a batch of 5: the initial state must be (1, 5, 2), got {shape}"
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _aten_rnn(cell, x, weights, training=False, state=torch.zeros(shape, dtype=F64))
+
+
+@pytest.mark.parametrize(("cell", "other"), [("lstm", "gru"), ("gru", "lstm")])
+def test_aten_rnn_refuses_weights_of_another_cell(cell: str, other: str) -> None:
+    # a kernel given the other cell's weights would read past their end (a crash, not an error)
+    _, weights = _torch_rnn(other, 4, 2)
+    gates, got = (4, 3) if cell == "lstm" else (3, 4)
+    x = torch.randn(5, 3, 4, dtype=F64)
+    message = (
+        f"fused {cell} with a state of width 2: its weights need {2 * gates} rows ({gates} "
+        f"gates), got {[2 * got] * 4}"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _aten_rnn(cell, x, weights, training=False)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_aten_rnn_refuses_one_weight_of_another_size(cell: str, index: int) -> None:
+    _, weights = _torch_rnn(cell, 4, 2)
+    weights[index] = weights[index][:-1]  # one row short
+    rows = [w.shape[0] for w in weights]
+    with pytest.raises(RuntimeError, match=re.escape(f"got {rows}")):
+        _aten_rnn(cell, torch.randn(5, 3, 4, dtype=F64), weights, training=False)

@@ -24,6 +24,48 @@ def _exporting() -> bool:
     )
 
 
+def _aten_rnn(
+    cell: str, x: Tensor, weights: list[Tensor], *, training: bool, state: Tensor | None = None
+) -> Tensor:
+    """One layer of ATen's fused LSTM or GRU over batch-first ``x`` [B, L, D]: its states
+    [B, L, H], from the initial state ``state`` [1, B, H] (zeros if None; an LSTM's cell
+    starts at zero).
+
+    ``weights`` are ``[W_ih, W_hh, b_ih, b_hh]`` as ATen takes them: [G*H, D], [G*H, H],
+    [G*H], [G*H]. ATen's kernels do not check the state's shape (``torch.nn.LSTM`` checks it
+    in Python before it calls them), and a state sized for another batch is read and written
+    outside its memory: a crash, or wrong numbers with no error. So the state is checked here
+    against the batch axis that the call reads, and the weights against the kernel's gates.
+    """
+    batch_first = True
+    hidden = weights[1].shape[1]
+    batch = x.shape[1 - int(batch_first)]  # the batch axis the call reads: 0, or 1 if time first
+    if state is None:
+        state = x.new_zeros(1, x.shape[0], hidden)
+    if state.shape != (1, batch, hidden):
+        raise RuntimeError(
+            f"fused {cell} over a batch of {batch}: the initial state must be "
+            f"{(1, batch, hidden)}, got {tuple(state.shape)}"
+        )
+    if cell == "lstm":
+        _check_gates(cell, weights, 4)
+        hx = (state, torch.zeros_like(state))
+        return torch._VF.lstm(x, hx, weights, True, 1, 0.0, training, False, batch_first)[0]
+    _check_gates(cell, weights, 3)
+    return torch._VF.gru(x, state, weights, True, 1, 0.0, training, False, batch_first)[0]
+
+
+def _check_gates(cell: str, weights: list[Tensor], gates: int) -> None:
+    """Raise unless each of ``weights`` has ``gates`` blocks of H rows, the kernel's layout (ATen
+    does not check it: an LSTM kernel given a GRU's weights reads past their end)."""
+    rows = weights[1].shape[1] * gates
+    if any(w.shape[0] != rows for w in weights):
+        raise RuntimeError(
+            f"fused {cell} with a state of width {weights[1].shape[1]}: its weights need "
+            f"{rows} rows ({gates} gates), got {[w.shape[0] for w in weights]}"
+        )
+
+
 class SequenceExpertBank(nn.Module):
     """K recurrent experts (``cell='lstm'`` or ``'gru'``) reading one sequence or one each.
 
@@ -86,13 +128,8 @@ class SequenceExpertBank(nn.Module):
         outs = []
         for e in range(k):
             xe = x if self.shared_input else x[e]  # [B, L, D]
-            h0 = xe.new_zeros(1, xe.shape[0], h)
             w = [self.w_ih[e].T, self.w_hh[e].T, self.b_ih[e, 0], self.b_hh[e, 0]]
-            if self.cell == "lstm":
-                out = torch._VF.lstm(xe, (h0, h0), w, True, 1, 0.0, self.training, False, True)[0]
-            else:
-                out = torch._VF.gru(xe, h0, w, True, 1, 0.0, self.training, False, True)[0]
-            outs.append(out)
+            outs.append(_aten_rnn(self.cell, xe, w, training=self.training))
         states = torch.stack(outs)  # [K, B, L, H]
         bsz, length = states.shape[1], states.shape[2]
         last = (lengths - 1).clamp(min=0)  # [B]
