@@ -47,6 +47,8 @@ def _aten_rnn(
             f"fused {cell} over a batch of {batch}: the initial state must be "
             f"{(1, batch, hidden)}, got {tuple(state.shape)}"
         )
+    # each branch checks its own kernel's gates (not _GATES[cell]): a slip in the branch's test
+    # then raises here instead of handing one cell's weights to the other's kernel
     if cell == "lstm":
         _check_gates(cell, weights, 4)
         hx = (state, torch.zeros_like(state))
